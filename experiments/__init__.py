@@ -1,0 +1,1 @@
+"""Command-line experiment scripts (run with ``python -m experiments.<name>``)."""

@@ -1,0 +1,6 @@
+"""SVHN (cropped digits) with the paper's best LPC setting (step 1e-3, no preconditioning)."""
+
+from experiments import launch
+
+if __name__ == "__main__":
+    launch.run(dataset="svhn", step_size=1e-3, preconditioner=False, num_epochs=15)

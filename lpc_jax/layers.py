@@ -1,0 +1,323 @@
+"""Convolution layers with Table 2's (features, kernel, stride, padding) arguments.
+
+PyTorch padding semantics: ``Conv`` pads ``padding`` on each side;
+``ConvTranspose`` produces ``(in - 1) * stride - 2 * padding + kernel`` outputs.
+``ConvTranspose`` computes what ``flax.linen.ConvTranspose`` computes with
+explicit padding ``kernel - 1 - padding`` on each side (flax's convention: the
+kernel is not flipped), so both layers are the same functions as the plain flax
+versions kept below as ``ConvReference`` / ``ConvTransposeReference``; the
+parameters are ``kernel`` (k, k, in, out) and ``bias`` (out,), float32.
+
+Why the layers carry a hand-written VJP
+---------------------------------------
+Each Langevin chain step takes one VJP of the decoder inside a rolled
+``lax.scan`` (an XLA while loop). XLA:CPU runs a convolution fast only when it
+reaches the backend in the canonical form ``dim_labels=b01f_01io->b01f``
+(NHWC input, HWIO kernel) without window reversal: those go to the Eigen / YNNPACK
+kernels. Anything else is emitted as a naive loop nest (visible in the compiled
+HLO as a ``convolution`` carrying ``outer_dimension_partitions``), 10-50x slower.
+The convolutions that autodiff writes for a conv's backward pass are exactly
+"anything else": the input gradient uses a reversed kernel with swapped
+in/out labels (``b01f_01oi->b01f``), the kernel gradient contracts over the
+batch with the cotangent as a (rhs-dilated, reversed) kernel
+(``f01b_i01o->01fb``, ``rhs_dilate=2x2 rhs_reversal=1x1``). Outside a loop the
+compiler rewrites some of these into canonical calls (transpose/reverse copies
+of the operands, YNNPACK fusion); inside the while body it does not, so the
+same backward pass was 3x slower per step in the rolled scan than standalone.
+A second trap: XLA's simplifier swaps a convolution's operands when the kernel
+is spatially larger than the input (e.g. a 4x4 kernel over a 3x3 map, or the
+autodiff kernel gradient whose "kernel" is the cotangent), which introduces
+a window reversal and lands on the slow path everywhere.
+
+The custom VJPs below build the backward pass only from canonical, undilated,
+unreversed forward convolutions (plus pads, reshapes, transposes, static
+slices, all of which are fast in loops):
+
+* ``dx`` of a stride-s conv is a transposed conv of the cotangent with the
+  flipped, in/out-swapped kernel, computed the same way as the transposed
+  conv's forward pass (below). ``dx`` of a transposed conv is the ordinary
+  strided conv of the cotangent with the flipped, swapped kernel (PyTorch's
+  Conv2d / ConvTranspose2d duality).
+* ``dkernel`` is a forward conv with the batch as the contracted feature
+  dimension: the larger operand (input for Conv, cotangent for ConvTranspose),
+  space-to-depth'ed by the stride so the window is undilated, transposed to
+  (C * s * s, H / s, W / s, batch), convolved with the other operand as a
+  (H, W, batch, C') "kernel"; the result is reshuffled into (k, k, in, out).
+  The big operand is always the lhs, so no operand swap happens.
+* A transposed conv (forward, and the conv's ``dx``) is computed in sub-pixel
+  form: output phase (r_h, r_w) of a stride-s transposed conv is a stride-1
+  conv of the input with the sub-kernel ``w[i0_h::s, i0_w::s]``. With few
+  output channels (out * s^2 <= 16) the phases share one conv with
+  ``s^2 * out`` channels over the union window; otherwise each phase is its own
+  conv (no wasted multiply-adds). A depth-to-space reshape interleaves them.
+* A transposed conv on a 1x1 input and a conv with a 1x1 output are plain
+  matmuls (no custom VJP needed).
+
+Measured on the 2-core CPU of the project (batch 64, 28x28x1 decoder, latent 40,
+discretised Gaussian, grad of the summed log joint w.r.t. (params, z);
+``python -m benchmarks.layers``, medians; the machine was shared, so compare
+within a row):
+
+=====================  ===============  ==========================  =====
+layers                 standalone (ms)  rolled scan, per step (ms)  ratio
+=====================  ===============  ==========================  =====
+plain flax (autodiff)  {REF_STANDALONE}  {REF_SCAN}  {REF_RATIO}
+these layers           {NEW_STANDALONE}  {NEW_SCAN}  {NEW_RATIO}
+=====================  ===============  ==========================  =====
+
+Outputs and gradients agree with the plain flax layers to float32 rounding
+(tests/test_layers.py). Under ``jax.vmap`` over parameters the convolutions
+become grouped convolutions (``feature_group_count``), which XLA:CPU runs
+correctly but slower than the same number of separate convolutions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+
+_DN = ("NHWC", "HWIO", "NHWC")
+_SUBPIXEL_MAX_CHANNELS = 16  # one combined conv when s * s * out <= this, else one conv per phase
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _conv(x: Array, w: Array, stride: int = 1, padding=((0, 0), (0, 0))) -> Array:
+    """The canonical XLA:CPU-friendly convolution: NHWC x HWIO -> NHWC, no dilation."""
+    return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_DN)
+
+
+def _pad_hw(x: Array, h: tuple[int, int], w: tuple[int, int]) -> Array:
+    """Zero-pads (negative: crops) the two spatial axes of an NHWC array."""
+    return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (h[0], h[1], 0), (w[0], w[1], 0), (0, 0, 0)))
+
+
+def _flip_swap(w: Array) -> Array:
+    """(k, k, a, b) -> spatially flipped (k, k, b, a)."""
+    return jnp.flip(w, (0, 1)).swapaxes(2, 3)
+
+
+def _phases(n: int, k: int, s: int, p: int):
+    """Sub-pixel decomposition of one spatial axis of a stride-s transposed conv.
+
+    Returns ``(out, a, taps)``: the output length, the number ``a = ceil(out / s)`` of
+    positions per phase, and for each phase r a pair ``(d, idx)`` such that
+    ``y[s * j + r] = sum_t x[j + d + t] * w[idx[t]]`` (flax's unflipped kernel).
+    """
+    q = k - 1 - p
+    out = (n - 1) * s + k - 2 * p
+    taps = []
+    for r in range(s):
+        i0 = (q - r) % s
+        taps.append(((r - q + i0) // s, tuple(range(i0, k, s))))
+    return out, -(-out // s), taps
+
+
+def _conv_transpose(x: Array, w: Array, s: int, p: int) -> Array:
+    """Transposed conv, flax's unflipped-kernel convention, PyTorch padding, canonical convs only."""
+    b, h, wd, _ = x.shape
+    k, co = w.shape[0], w.shape[3]
+    ho, ah, ph = _phases(h, k, s, p)
+    wo, aw, pw = _phases(wd, k, s, p)
+    # Pad x once so that every phase reads a slice of it.
+    lo_h = -min(d for d, _ in ph)
+    lo_w = -min(d for d, _ in pw)
+    hi_h = max(ah - 1 + d + len(i) - 1 for d, i in ph) - (h - 1)
+    hi_w = max(aw - 1 + d + len(i) - 1 for d, i in pw) - (wd - 1)
+    xp = _pad_hw(x, (lo_h, hi_h), (lo_w, hi_w))
+    if s == 1:
+        return _conv(xp, w)
+
+    if s * s * co <= _SUBPIXEL_MAX_CHANNELS:
+        # One conv over the union window with s*s*co output channels (zero taps where a
+        # phase does not reach), then depth-to-space.
+        def table(taps, lo):
+            size = max(d + len(i) for d, i in taps) + lo
+            t = np.full((size, s), k, dtype=np.int32)  # index k -> a zero row
+            for r, (d, idx) in enumerate(taps):
+                t[d + lo: d + lo + len(idx), r] = idx
+            return t
+
+        th, tw = table(ph, lo_h), table(pw, lo_w)
+        wz = jnp.pad(w, ((0, 1), (0, 1), (0, 0), (0, 0)))
+        wc = wz[th][:, :, tw]  # (Kh, s, Kw, s, ci, co)
+        wc = wc.transpose(0, 2, 4, 1, 3, 5).reshape(th.shape[0], tw.shape[0], w.shape[2], s * s * co)
+        y = _conv(xp, wc).reshape(b, ah, aw, s, s, co)
+    else:
+        rows = []
+        for d_h, i_h in ph:
+            cols = []
+            for d_w, i_w in pw:
+                if not i_h or not i_w:  # stride > kernel: this phase receives nothing
+                    cols.append(jnp.zeros((b, ah, aw, co), x.dtype))
+                    continue
+                xs = xp[:, d_h + lo_h: d_h + lo_h + ah + len(i_h) - 1, d_w + lo_w: d_w + lo_w + aw + len(i_w) - 1]
+                cols.append(_conv(xs, w[i_h[0]::s, i_w[0]::s]))
+            rows.append(jnp.stack(cols, axis=3))  # (b, ah, aw, s_w, co)
+        y = jnp.stack(rows, axis=3)  # (b, ah, aw, s_h, s_w, co)
+    y = y.transpose(0, 1, 3, 2, 4, 5).reshape(b, ah * s, aw * s, co)
+    return y[:, :ho, :wo]
+
+
+def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
+    """``D[i, j] = sum_{n, u, v} a[n, s*u + i, s*v + j, :]^T g[n, u, v, :]`` for i, j < k.
+
+    One canonical forward conv with the batch as the contracted feature axis:
+    ``a`` space-to-depth'ed by ``s`` and laid out (C_a * s * s, H / s, W / s, N),
+    ``g`` laid out (U, V, N, C_g) as the kernel. Returns (k, k, C_a, C_g).
+    """
+    n, ha, wa, ca = a.shape
+    _, u, v, cg = g.shape
+    kk = -(-k // s)
+    hs, ws = u - 1 + kk, v - 1 + kk
+    a = _pad_hw(a, (0, s * hs - ha), (0, s * ws - wa))
+    lhs = a.reshape(n, hs, s, ws, s, ca).transpose(5, 2, 4, 1, 3, 0).reshape(ca * s * s, hs, ws, n)
+    out = _conv(lhs, g.transpose(1, 2, 0, 3))  # (ca * s * s, kk, kk, cg)
+    out = out.reshape(ca, s, s, kk, kk, cg).transpose(3, 1, 4, 2, 0, 5).reshape(kk * s, kk * s, ca, cg)
+    return out[:k, :k]
+
+
+# --------------------------------------------------------------------------- custom-VJP cores
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: Array, w: Array, stride: int, padding: int) -> Array:
+    """PyTorch ``Conv2d`` (no bias): NHWC x (k, k, in, out), ``padding`` zeros each side."""
+    p = padding
+    return _conv(x, w, stride, ((p, p), (p, p)))
+
+
+def _conv2d_fwd(x, w, stride, padding):
+    return conv2d(x, w, stride, padding), (x, w)
+
+
+def _conv2d_bwd(stride, padding, res, g):
+    x, w = res
+    s, p, k = stride, padding, w.shape[0]
+    _, h, wd, _ = x.shape
+    dx = _conv_transpose(g, _flip_swap(w), s, p)
+    dx = _pad_hw(dx, (0, h - dx.shape[1]), (0, wd - dx.shape[2]))  # rows the conv never read
+    dw = _kernel_grad(_pad_hw(x, (p, 0), (p, 0)), g, s, k)
+    return dx, dw
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_transpose2d(x: Array, w: Array, stride: int, padding: int) -> Array:
+    """flax ``ConvTranspose`` (no bias, kernel not flipped) with PyTorch ``padding``."""
+    return _conv_transpose(x, w, stride, padding)
+
+
+def _conv_transpose2d_fwd(x, w, stride, padding):
+    return conv_transpose2d(x, w, stride, padding), (x, w)
+
+
+def _conv_transpose2d_bwd(stride, padding, res, g):
+    x, w = res
+    s, p, k = stride, padding, w.shape[0]
+    dx = _conv(g, _flip_swap(w), s, ((p, p), (p, p)))
+    dw = _flip_swap(_kernel_grad(_pad_hw(g, (p, 0), (p, 0)), x, s, k))
+    return dx, dw
+
+
+conv_transpose2d.defvjp(_conv_transpose2d_fwd, _conv_transpose2d_bwd)
+
+
+def conv(x: Array, w: Array, stride: int, padding: int) -> Array:
+    """``conv2d``, or a matmul when the output is 1x1."""
+    k, p = w.shape[0], padding
+    _, h, wd, ci = x.shape
+    if (h + 2 * p - k) // stride == 0 and (wd + 2 * p - k) // stride == 0:
+        xw = _pad_hw(x, (p, k - h - p), (p, k - wd - p))  # the single k x k window
+        y = xw.reshape(x.shape[0], k * k * ci) @ w.reshape(k * k * ci, w.shape[3])
+        return y[:, None, None, :]
+    return conv2d(x, w, stride, padding)
+
+
+def conv_transpose(x: Array, w: Array, stride: int, padding: int) -> Array:
+    """``conv_transpose2d``, or a matmul when the input is 1x1."""
+    k, p = w.shape[0], padding
+    if x.shape[1] == 1 and x.shape[2] == 1:
+        # y[o_h, o_w] = x @ w[k - 1 - p - o_h, k - 1 - p - o_w]
+        wsel = jnp.flip(w, (0, 1))[p: k - p, p: k - p]
+        return jnp.einsum("bc,hwco->bhwo", x[:, 0, 0, :], wsel)
+    return conv_transpose2d(x, w, stride, padding)
+
+
+def _add_bias(y: Array, b: Array) -> Array:
+    return y + b.reshape((1,) * (y.ndim - 1) + b.shape)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class Conv(nn.Module):
+    """``Conv2d(in, features, kernel, stride, padding)`` on NHWC inputs."""
+
+    features: int
+    kernel: int = 4
+    stride: int = 2
+    padding: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel
+        w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+        b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return _add_bias(conv(x, w, self.stride, self.padding), b)
+
+
+class ConvTranspose(nn.Module):
+    """Transposed conv: ``out = (in - 1) * stride - 2 * padding + kernel``, NHWC."""
+
+    features: int
+    kernel: int = 4
+    stride: int = 2
+    padding: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel
+        w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+        b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return _add_bias(conv_transpose(x, w, self.stride, self.padding), b)
+
+
+class ConvReference(nn.Module):
+    """The plain flax layer (autodiff backward pass), for tests and benchmarks."""
+
+    features: int
+    kernel: int = 4
+    stride: int = 2
+    padding: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        p = self.padding
+        return nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
+                       padding=((p, p), (p, p)))(x)
+
+
+class ConvTransposeReference(nn.Module):
+    """The plain flax layer (autodiff backward pass), for tests and benchmarks."""
+
+    features: int
+    kernel: int = 4
+    stride: int = 2
+    padding: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        q = self.kernel - 1 - self.padding
+        return nn.ConvTranspose(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
+                                padding=((q, q), (q, q)))(x)

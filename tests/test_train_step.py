@@ -1,0 +1,202 @@
+"""The jitted LPC step against a plain Python loop of Algorithm 1 (typos fixed)."""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lpc_jax import langevin, models, objectives, train_step as ts
+from lpc_jax.config import Config
+
+SHAPE = (28, 28, 1)
+BATCH = 3
+T = 4
+
+
+class TinyDecoder(nn.Module):
+    """A two-layer MLP decoder to 6x6x1 images: the same interface as models.Decoder."""
+
+    @nn.compact
+    def __call__(self, z):
+        h = nn.silu(nn.Dense(16)(z))
+        mean = nn.Dense(36)(h).reshape(z.shape[0], 6, 6, 1)
+        return mean, self.param("log_scale", nn.initializers.constant(-1.0), (1,)).reshape(1, 1, 1, 1)
+
+
+class TinyEncoder(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        out = nn.Dense(2 * LATENT)(nn.silu(nn.Dense(16)(x.reshape(x.shape[0], -1))))
+        mean, raw = jnp.split(out, 2, axis=-1)
+        return mean, models.softplus_beta(raw) + 1e-6
+
+
+LATENT = 5
+TINY_SHAPE = (6, 6, 1)
+
+
+def sgd_model(lr=1.0, tiny=True):
+    # SGD with lr 1 makes "old params - new params" the raw gradient.
+    if not tiny:
+        return ts.build_model(Config(dataset="fashion_mnist"))._replace(optimizer=optax.sgd(lr))
+    decoder = TinyDecoder()
+    return ts.Model(decoder, TinyEncoder(), models.make_log_joint(decoder), optax.sgd(lr))
+
+
+def images(shape, key=1):
+    x = jax.random.uniform(jax.random.key(key), (BATCH, *shape), minval=-1, maxval=1)
+    return jnp.round((x + 1) * 127.5) / 127.5 - 1  # on the 8-bit grid
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = sgd_model()
+    state = ts.create_train_state(jax.random.key(0), model, TINY_SHAPE, LATENT)
+    return model, state, images(TINY_SHAPE)
+
+
+@pytest.fixture(scope="module")
+def paper_setup():
+    model = sgd_model(tiny=False)
+    state = ts.create_train_state(jax.random.key(0), model, SHAPE, 40)
+    return model, state, images(SHAPE)
+
+
+def reference_algorithm_1(model, params, x, rng_key, hp, *, step, warm_start, precondition,
+                          prior_init_batches, num_steps=T):
+    """Algorithm 1 as a Python loop: returns (g_theta, g_phi, chain samples z_1..z_T)."""
+    theta, phi = params["decoder"], params["encoder"]
+    w = objectives.weights(warm_start)
+    k_q, k_prior, k_elbo, k_chain = jax.random.split(rng_key, 4)
+    chain_keys = jax.random.split(k_chain, num_steps)
+    mean, var = model.encoder.apply({"params": phi}, x)
+    use_prior = warm_start == "none" or step < prior_init_batches
+    z = (jax.random.normal(k_prior, mean.shape) if use_prior
+         else mean + jnp.sqrt(var) * jax.random.normal(k_q, mean.shape))
+    mean_log_joint = lambda p, z: model.log_joint(p, x, z).mean()
+    g_theta = jax.tree.map(jnp.zeros_like, theta)
+    m = jnp.zeros_like(z)
+    zs = []
+    for t in range(1, num_steps + 1):
+        g_theta = jax.tree.map(lambda a, b: a + b / num_steps, g_theta, jax.grad(mean_log_joint)(theta, z))
+        g = jax.grad(lambda z: model.log_joint(theta, x, z).sum())(z)
+        if precondition:
+            m = hp.decay * m + (1 - hp.decay) * g * g
+            G = 1.0 / (jnp.sqrt(m / (1 - hp.decay**t)) + hp.eps)
+        else:
+            G = jnp.ones_like(g)
+        z = z + hp.step_size * G * g + jnp.sqrt(2 * hp.step_size * G) * jax.random.normal(chain_keys[t - 1], g.shape)
+        zs.append(z)
+    zs = jnp.stack(zs)
+
+    def forward_loss(phi):
+        mean, var = model.encoder.apply({"params": phi}, x)
+        return -jnp.mean(jax.vmap(lambda z: objectives.gaussian_log_prob(z, mean, var))(zs))
+
+    def reverse_loss(phi):
+        mean, var = model.encoder.apply({"params": phi}, x)
+        return -objectives.reparameterized_elbo(k_elbo, mean, var, lambda z: model.log_joint(theta, x, z)).mean()
+
+    def encoder_loss(phi):
+        return w.forward_kl * forward_loss(phi) + w.reverse_kl * reverse_loss(phi)
+
+    return g_theta, jax.grad(encoder_loss)(phi), (forward_loss, reverse_loss, encoder_loss)
+
+
+def jitted_grads(model, state, x, rng_key, hp, **kw):
+    step = jax.jit(functools.partial(ts.lpc_train_step, model=model, num_steps=T, **kw))
+    new_state, metrics = step(state, x, rng_key, hp)
+    grads = jax.tree.map(lambda a, b: a - b, state.params, new_state.params)
+    return grads, new_state, metrics
+
+
+@pytest.mark.parametrize("warm_start,precondition,step,prior_init,networks", [
+    ("jeffreys", True, 0, 50, "tiny"),  # prior initialisation during the first batches
+    ("jeffreys", True, 60, 50, "tiny"),  # encoder warm start afterwards
+    ("forward_kl", False, 0, 0, "tiny"),
+    ("reverse_kl", True, 0, 0, "tiny"),
+    ("none", False, 0, 0, "tiny"),
+    ("jeffreys", True, 60, 50, "paper"),  # Table 2 networks, 28x28x1
+])
+def test_accumulated_gradients_equal_python_loop(setup, paper_setup, warm_start, precondition, step, prior_init,
+                                                 networks):
+    model, state, x = setup if networks == "tiny" else paper_setup
+    state = state.replace(step=jnp.asarray(step, jnp.int32))
+    hp = langevin.hparams(0.01, decay=0.9, eps=1e-3)
+    key = jax.random.key(7)
+    grads, new_state, metrics = jitted_grads(model, state, x, key, hp, warm_start=warm_start,
+                                             precondition=precondition, prior_init_batches=prior_init)
+    g_theta, g_phi, _ = reference_algorithm_1(model, state.params, x, key, hp, step=step, warm_start=warm_start,
+                                              precondition=precondition, prior_init_batches=prior_init)
+    # The step descends on -log p: its decoder gradient is minus the ascent direction.
+    chex.assert_trees_all_close(grads["decoder"], jax.tree.map(jnp.negative, g_theta), rtol=2e-4, atol=1e-4)
+    chex.assert_trees_all_close(grads["encoder"], g_phi, rtol=2e-4, atol=1e-4)
+    assert int(new_state.step) == step + 1
+    chex.assert_tree_all_finite(metrics)
+    for value in metrics.values():
+        chex.assert_shape(value, ())
+
+
+@pytest.mark.parametrize("warm_start", ["forward_kl", "reverse_kl", "jeffreys"])
+def test_encoder_objective_moves_phi_downhill(setup, warm_start):
+    _, state, x = setup
+    model = sgd_model(lr=1e-3)
+    hp = langevin.hparams(0.01, decay=0.9, eps=1e-3)
+    key = jax.random.key(11)
+    kw = dict(warm_start=warm_start, precondition=True, prior_init_batches=0)
+    _, new_state, _ = jitted_grads(model, state, x, key, hp, **kw)
+    _, _, (forward_loss, reverse_loss, encoder_loss) = reference_algorithm_1(
+        model, state.params, x, key, hp, step=0, **kw)
+    old, new = state.params["encoder"], new_state.params["encoder"]
+    assert float(encoder_loss(new)) < float(encoder_loss(old))
+    if warm_start == "forward_kl":  # cross-entropy of the chain samples under q falls
+        assert float(forward_loss(new)) < float(forward_loss(old))
+    if warm_start == "reverse_kl":  # the reparameterised ELBO rises
+        assert float(reverse_loss(new)) < float(reverse_loss(old))
+
+
+def test_none_leaves_encoder_untouched(setup):
+    model, state, x = setup
+    grads, _, _ = jitted_grads(model, state, x, jax.random.key(3), langevin.hparams(0.01),
+                               warm_start="none", precondition=True, prior_init_batches=0)
+    chex.assert_trees_all_equal(grads["encoder"], jax.tree.map(jnp.zeros_like, grads["encoder"]))
+
+
+def test_new_step_size_does_not_recompile(setup):
+    model, state, x = setup
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state, x, key, hp):
+        return ts.lpc_train_step(state, x, key, hp, model=model, num_steps=2)
+
+    for step_size, decay in [(0.1, 0.99), (0.001, 0.25), (0.5, 0.0)]:
+        state, _ = step(state, x, jax.random.key(0), langevin.hparams(step_size, decay))
+
+
+def _temp_bytes(model, state, x, num_steps):
+    step = jax.jit(functools.partial(ts.lpc_train_step, model=model, num_steps=num_steps), donate_argnums=0)
+    compiled = step.lower(state, x, jax.random.key(0), langevin.hparams(0.1)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_memory_does_not_grow_with_chain_length(paper_setup):
+    model, state, x = paper_setup
+    short, long = _temp_bytes(model, state, x, 5), _temp_bytes(model, state, x, 200)
+    assert long <= 1.05 * short, (short, long)
+
+
+def test_vae_step_improves_elbo_on_a_fixed_batch(setup):
+    _, state, x = setup
+    model = sgd_model()._replace(optimizer=optax.adam(1e-2))
+    state = ts.create_train_state(jax.random.key(0), model, TINY_SHAPE, LATENT)
+    step = jax.jit(functools.partial(ts.vae_train_step, model=model))
+    elbos = []
+    for i in range(40):
+        state, metrics = step(state, x, jax.random.key(i))
+        elbos.append(float(metrics["elbo"]))
+    assert np.mean(elbos[-5:]) > np.mean(elbos[:5]) + 5  # nats per example
