@@ -17,9 +17,10 @@ DEFAULTS = dict(
     step_size=0.1,
     decay=0.99,
     num_steps=20,
-    num_train_steps=1000,
+    num_epochs=1.0,
     log_every=25,
     checkpoint_every=250,
+    fd_every=250,
 )
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ flags.DEFINE_integer("seed", _D.seed, "Random seed (parameters, data order, chai
 flags.DEFINE_integer("log_every", _D.log_every, "Log metrics every N steps.")
 flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Checkpoint (and refresh samples.png) every N steps.")
 flags.DEFINE_integer("eval_examples", _D.eval_examples, "Test images for the final ELBO (0 = all).")
+flags.DEFINE_integer("fd_every", _D.fd_every, "Log an FD estimate on generated samples every N steps "
+                     "(offline feature extractors: fashion_mnist); 0 = never.")
+flags.DEFINE_integer("fd_samples", _D.fd_samples, "Samples for the in-training FD estimate.")
 flags.DEFINE_string("workdir", None, "Output directory; rerun with the same one to resume. "
                     "Default: runs/<dataset>_<algorithm>.")
 

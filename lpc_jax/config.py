@@ -45,6 +45,8 @@ class Config:
     log_every: int = 50
     checkpoint_every: int = 500
     eval_examples: int = 10000  # test images for the final ELBO; 0 = all
+    fd_every: int = 0  # log an FD estimate (Figure 5B) every N steps; 0 = never
+    fd_samples: int = 2000
 
     def validate(self) -> "Config":
         """Raises ValueError naming the offending flag; returns self."""
@@ -72,12 +74,12 @@ class Config:
             bad("num_steps", self.num_steps, "the chain needs at least 1 Langevin step")
         if self.batch_size < 1:
             bad("batch_size", self.batch_size, "must be >= 1")
-        if not self.learning_rate > 0:
-            bad("learning_rate", self.learning_rate, "must be > 0")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            bad("learning_rate", self.learning_rate, "must be a finite number > 0")
         if self.num_train_steps < 0:
             bad("num_train_steps", self.num_train_steps, "must be >= 0 (0 means use --num_epochs)")
-        if self.num_train_steps == 0 and not self.num_epochs > 0:
-            bad("num_epochs", self.num_epochs, "must be > 0 when --num_train_steps is 0")
+        if self.num_train_steps == 0 and not (self.num_epochs > 0 and math.isfinite(self.num_epochs)):
+            bad("num_epochs", self.num_epochs, "must be a finite number > 0 when --num_train_steps is 0")
         if self.latent_dim < 1:
             bad("latent_dim", self.latent_dim, "must be >= 1")
         if self.obs_scale < 0:
@@ -88,11 +90,16 @@ class Config:
             bad("prior_scale", self.prior_scale, "must be > 0")
         if self.prior_init_batches < 0:
             bad("prior_init_batches", self.prior_init_batches, "must be >= 0")
+        if self.fd_every < 0:
+            bad("fd_every", self.fd_every, "must be >= 0 (0 turns the FD monitor off)")
+        if self.fd_samples < 2:
+            bad("fd_samples", self.fd_samples, "needs at least 2 samples for a covariance")
         for flag in ("log_every", "checkpoint_every"):
             if getattr(self, flag) < 1:
                 bad(flag, getattr(self, flag), "must be >= 1")
-        if self.max_train_examples < 0 or self.eval_examples < 0:
-            bad("max_train_examples/eval_examples", None, "must be >= 0")
+        for flag in ("max_train_examples", "eval_examples"):
+            if getattr(self, flag) < 0:
+                bad(flag, getattr(self, flag), "must be >= 0 (0 means all)")
         return self
 
     def to_json(self) -> str:

@@ -95,6 +95,12 @@ def _conv(x: Array, w: Array, stride: int = 1, padding=((0, 0), (0, 0))) -> Arra
     return lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_DN)
 
 
+def _conv_padded(x: Array, w: Array, h: tuple[int, int], wd: tuple[int, int]) -> Array:
+    """Stride-1 ``_conv`` with (lo, hi) zero padding per spatial axis; negative values crop."""
+    crop = _pad_hw(x, (min(h[0], 0), min(h[1], 0)), (min(wd[0], 0), min(wd[1], 0)))
+    return _conv(crop, w, 1, ((max(h[0], 0), max(h[1], 0)), (max(wd[0], 0), max(wd[1], 0))))
+
+
 def _pad_hw(x: Array, h: tuple[int, int], w: tuple[int, int]) -> Array:
     """Zero-pads (negative: crops) the two spatial axes of an NHWC array."""
     return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (h[0], h[1], 0), (w[0], w[1], 0), (0, 0, 0)))
@@ -105,15 +111,16 @@ def _flip_swap(w: Array) -> Array:
     return jnp.flip(w, (0, 1)).swapaxes(2, 3)
 
 
-def _phases(n: int, k: int, s: int, p: int):
+def _phases(n: int, k: int, s: int, p: int, extra: int = 0):
     """Sub-pixel decomposition of one spatial axis of a stride-s transposed conv.
 
+    ``extra`` is PyTorch's ``output_padding`` (rows added at the end).
     Returns ``(out, a, taps)``: the output length, the number ``a = ceil(out / s)`` of
     positions per phase, and for each phase r a pair ``(d, idx)`` such that
     ``y[s * j + r] = sum_t x[j + d + t] * w[idx[t]]`` (flax's unflipped kernel).
     """
     q = k - 1 - p
-    out = (n - 1) * s + k - 2 * p
+    out = (n - 1) * s + k - 2 * p + extra
     taps = []
     for r in range(s):
         i0 = (q - r) % s
@@ -121,36 +128,35 @@ def _phases(n: int, k: int, s: int, p: int):
     return out, -(-out // s), taps
 
 
-def _conv_transpose(x: Array, w: Array, s: int, p: int) -> Array:
-    """Transposed conv, flax's unflipped-kernel convention, PyTorch padding, canonical convs only."""
+def _conv_transpose(x: Array, w: Array, s: int, p: int, extra: tuple[int, int] = (0, 0)) -> Array:
+    """Transposed conv, flax's unflipped-kernel convention, PyTorch padding and
+    ``output_padding=extra``, built from canonical convs only."""
     b, h, wd, _ = x.shape
     k, co = w.shape[0], w.shape[3]
-    ho, ah, ph = _phases(h, k, s, p)
-    wo, aw, pw = _phases(wd, k, s, p)
-    # Pad x once so that every phase reads a slice of it.
-    lo_h = -min(d for d, _ in ph)
-    lo_w = -min(d for d, _ in pw)
-    hi_h = max(ah - 1 + d + len(i) - 1 for d, i in ph) - (h - 1)
-    hi_w = max(aw - 1 + d + len(i) - 1 for d, i in pw) - (wd - 1)
-    xp = _pad_hw(x, (lo_h, hi_h), (lo_w, hi_w))
+    ho, ah, ph = _phases(h, k, s, p, extra[0])
+    wo, aw, pw = _phases(wd, k, s, p, extra[1])
+
+    def window(a, n, d, taps):  # (lo, hi) padding of x for outputs j in [0, a) reading x[j + d + t]
+        return -d, a - 1 + d + len(taps) - 1 - (n - 1)
+
     if s == 1:
-        return _conv(xp, w)
+        return _conv_padded(x, w, window(ah, h, *ph[0]), window(aw, wd, *pw[0]))
 
     if s * s * co <= _SUBPIXEL_MAX_CHANNELS:
         # One conv over the union window with s*s*co output channels (zero taps where a
         # phase does not reach), then depth-to-space.
-        def table(taps, lo):
-            size = max(d + len(i) for d, i in taps) + lo
-            t = np.full((size, s), k, dtype=np.int32)  # index k -> a zero row
+        def table(taps):
+            lo = min(d for d, _ in taps)
+            t = np.full((max(d + len(i) for d, i in taps) - lo, s), k, dtype=np.int32)  # k: zero
             for r, (d, idx) in enumerate(taps):
-                t[d + lo: d + lo + len(idx), r] = idx
-            return t
+                t[d - lo: d - lo + len(idx), r] = idx
+            return lo, t
 
-        th, tw = table(ph, lo_h), table(pw, lo_w)
+        (dh, th), (dw, tw) = table(ph), table(pw)
         wz = jnp.pad(w, ((0, 1), (0, 1), (0, 0), (0, 0)))
         wc = wz[th][:, :, tw]  # (Kh, s, Kw, s, ci, co)
         wc = wc.transpose(0, 2, 4, 1, 3, 5).reshape(th.shape[0], tw.shape[0], w.shape[2], s * s * co)
-        y = _conv(xp, wc).reshape(b, ah, aw, s, s, co)
+        y = _conv_padded(x, wc, window(ah, h, dh, th), window(aw, wd, dw, tw)).reshape(b, ah, aw, s, s, co)
     else:
         rows = []
         for d_h, i_h in ph:
@@ -159,8 +165,7 @@ def _conv_transpose(x: Array, w: Array, s: int, p: int) -> Array:
                 if not i_h or not i_w:  # stride > kernel: this phase receives nothing
                     cols.append(jnp.zeros((b, ah, aw, co), x.dtype))
                     continue
-                xs = xp[:, d_h + lo_h: d_h + lo_h + ah + len(i_h) - 1, d_w + lo_w: d_w + lo_w + aw + len(i_w) - 1]
-                cols.append(_conv(xs, w[i_h[0]::s, i_w[0]::s]))
+                cols.append(_conv_padded(x, w[i_h[0]::s, i_w[0]::s], window(ah, h, d_h, i_h), window(aw, wd, d_w, i_w)))
             rows.append(jnp.stack(cols, axis=3))  # (b, ah, aw, s_w, co)
         y = jnp.stack(rows, axis=3)  # (b, ah, aw, s_h, s_w, co)
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(b, ah * s, aw * s, co)
@@ -185,14 +190,49 @@ def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
     return out[:k, :k]
 
 
+# --------------------------------------------------------------------------- vmap rules
+
+
+def _fold_or_loop(fn, fold_ok):
+    """``fn(x, w)`` whose vmap either folds the vmapped axis into x's batch (when w is not
+    batched and ``fold_ok``) or runs the batch as a ``lax.map`` loop of unbatched calls,
+    instead of XLA's grouped convolutions."""
+    f = jax.custom_batching.custom_vmap(fn)
+
+    @f.def_vmap
+    def rule(axis_size, in_batched, x, w):
+        xb, wb = in_batched
+        if fold_ok and xb and not wb:
+            y = f(x.reshape((-1,) + x.shape[2:]), w)
+            return y.reshape((axis_size, -1) + y.shape[1:]), True
+        if not xb:
+            return lax.map(lambda w: f(x, w), w), True
+        if not wb:
+            return lax.map(lambda x: f(x, w), x), True
+        return lax.map(lambda xw: f(*xw), (x, w)), True
+
+    return f
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_ops(kind, *static):
+    if kind == "conv":
+        s, p = static
+        return _fold_or_loop(lambda x, w: _conv(x, w, s, ((p, p), (p, p))), True)
+    if kind == "convT":
+        s, p, extra = static
+        return _fold_or_loop(lambda x, w: _conv_transpose(x, w, s, p, extra), True)
+    s, k = static
+    return _fold_or_loop(lambda a, g: _kernel_grad(a, g, s, k), False)
+
+
 # --------------------------------------------------------------------------- custom-VJP cores
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: Array, w: Array, stride: int, padding: int) -> Array:
     """PyTorch ``Conv2d`` (no bias): NHWC x (k, k, in, out), ``padding`` zeros each side."""
-    p = padding
-    return _conv(x, w, stride, ((p, p), (p, p)))
+    return _batched_ops("conv", stride, padding)(x, w)
 
 
 def _conv2d_fwd(x, w, stride, padding):
@@ -203,9 +243,10 @@ def _conv2d_bwd(stride, padding, res, g):
     x, w = res
     s, p, k = stride, padding, w.shape[0]
     _, h, wd, _ = x.shape
-    dx = _conv_transpose(g, _flip_swap(w), s, p)
-    dx = _pad_hw(dx, (0, h - dx.shape[1]), (0, wd - dx.shape[2]))  # rows the conv never read
-    dw = _kernel_grad(_pad_hw(x, (p, 0), (p, 0)), g, s, k)
+    # PyTorch's output_padding: input rows past the last full stride step.
+    extra = (h + 2 * p - k) % s, (wd + 2 * p - k) % s
+    dx = _batched_ops("convT", s, p, extra)(g, _flip_swap(w))
+    dw = _batched_ops("kgrad", s, k)(_pad_hw(x, (p, 0), (p, 0)), g)
     return dx, dw
 
 
@@ -215,7 +256,7 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_transpose2d(x: Array, w: Array, stride: int, padding: int) -> Array:
     """flax ``ConvTranspose`` (no bias, kernel not flipped) with PyTorch ``padding``."""
-    return _conv_transpose(x, w, stride, padding)
+    return _batched_ops("convT", stride, padding, (0, 0))(x, w)
 
 
 def _conv_transpose2d_fwd(x, w, stride, padding):
@@ -225,8 +266,8 @@ def _conv_transpose2d_fwd(x, w, stride, padding):
 def _conv_transpose2d_bwd(stride, padding, res, g):
     x, w = res
     s, p, k = stride, padding, w.shape[0]
-    dx = _conv(g, _flip_swap(w), s, ((p, p), (p, p)))
-    dw = _flip_swap(_kernel_grad(_pad_hw(g, (p, 0), (p, 0)), x, s, k))
+    dx = _batched_ops("conv", s, p)(g, _flip_swap(w))
+    dw = _flip_swap(_batched_ops("kgrad", s, k)(_pad_hw(g, (p, 0), (p, 0)), x))
     return dx, dw
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lpc_jax import checkpoints, data, langevin, models, plotting
+from lpc_jax import checkpoints, data, evaluation, langevin, models, plotting
 from lpc_jax import config as config_lib
 from lpc_jax import train_step as ts
 from lpc_jax.config import Config
@@ -107,18 +107,29 @@ def train_and_evaluate(config: Config, workdir: str,
     config_path = os.path.join(workdir, "config.json")
     if os.path.exists(config_path):
         config_lib.check_resumable(config_lib.load(workdir), config, config_path)
-    with open(config_path, "w") as f:
-        f.write(config.to_json())
 
     model = ts.build_model(config)
     image_shape = data.image_shape(config.dataset)
     seed_key = jax.random.key(config.seed)
     init_key, step_key, sample_key, eval_key = jax.random.split(seed_key, 4)
-    state = ts.create_train_state(init_key, model, image_shape, config.latent_dim)
+    state = jax.jit(ts.create_train_state, static_argnums=(1, 2, 3))(
+        init_key, model, image_shape, config.latent_dim)
+    fd_monitor = evaluation.FDMonitor.from_config(config, config.fd_samples) if config.fd_every else None
     ckpt = checkpoints.Checkpointer(workdir)
+    try:
+        return _train(config, workdir, model, state, ckpt, train, test, num_total, steps_per_epoch,
+                      step_key, sample_key, eval_key, on_log, fd_monitor)
+    finally:
+        ckpt.close()
+
+
+def _train(config, workdir, model, state, ckpt, train, test, num_total, steps_per_epoch,
+           step_key, sample_key, eval_key, on_log, fd_monitor) -> dict:
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state)
         logging.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json())
 
     hparams = langevin.hparams(config.step_size, config.decay, config.eps)
     step_fn = jax.jit(ts.make_train_step(config, model), donate_argnums=0)
@@ -131,6 +142,11 @@ def train_and_evaluate(config: Config, workdir: str,
                                  title=f"{config.algorithm} {config.dataset}: z ~ prior, step {step}")
 
     start_step = int(state.step)
+    # A run killed after its last checkpoint logged steps it will now redo: drop them.
+    rows = plotting.read_metrics(metrics_path)
+    if any(r.get("step", 0) > start_step for r in rows):
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start_step)
     logging.info("training %s on %s: steps %d -> %d (%d per epoch), T=%d, batch %d",
                  config.algorithm, config.dataset, start_step, num_total, steps_per_epoch,
                  config.num_steps, config.batch_size)
@@ -156,12 +172,15 @@ def train_and_evaluate(config: Config, workdir: str,
                         f"good checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is untouched. Try a "
                         f"smaller --step_size or --learning_rate, or --preconditioner.")
                 state, step = new_state, step + 1
-                if step % config.log_every == 0 or step == num_total:
+                fd_now = fd_monitor is not None and (step % config.fd_every == 0 or step == num_total)
+                if fd_now or step % config.log_every == 0 or step == num_total:
                     now = time.time()
                     rate = (step - window_start) / max(now - t_window, 1e-9)
                     row = {"step": step, "epoch": step / steps_per_epoch,
                            **{k: float(v) for k, v in metrics.items()},
                            "examples_per_s": rate * config.batch_size, "wall_s": now - t_start}
+                    if fd_now:
+                        row.update(fd_monitor(state.params, model, config, sample_key))
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                     logging.info("step %d/%d (%.1f%%) | %.2f steps/s, %.0f ex/s | ETA %s | loss %.1f elbo %.1f",
@@ -182,7 +201,6 @@ def train_and_evaluate(config: Config, workdir: str,
         if state is not None and step > int(ckpt.latest_step() or 0):
             logging.warning("interrupted: saving step %d so the run can resume", step)
             ckpt.save(step, state)
-        ckpt.close()
         raise
     train_s = time.time() - t_start
 
@@ -192,7 +210,6 @@ def train_and_evaluate(config: Config, workdir: str,
                **evaluate_elbo(state.params, model, test.images, eval_key)}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    ckpt.close()
     logging.info("done: %s", summary)
     return summary
 
