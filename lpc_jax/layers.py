@@ -1,74 +1,88 @@
 """Convolution layers with Table 2's (features, kernel, stride, padding) arguments.
 
 PyTorch padding semantics: ``Conv`` pads ``padding`` on each side;
-``ConvTranspose`` produces ``(in - 1) * stride - 2 * padding + kernel`` outputs.
-``ConvTranspose`` computes what ``flax.linen.ConvTranspose`` computes with
-explicit padding ``kernel - 1 - padding`` on each side (flax's convention: the
-kernel is not flipped), so both layers are the same functions as the plain flax
-versions kept below as ``ConvReference`` / ``ConvTransposeReference``; the
-parameters are ``kernel`` (k, k, in, out) and ``bias`` (out,), float32.
+``ConvTranspose`` produces ``(in - 1) * stride - 2 * padding + kernel`` outputs and
+computes what ``flax.linen.ConvTranspose`` computes with explicit padding
+``kernel - 1 - padding`` on each side (flax's convention: the kernel is not
+flipped). Both are the same functions as the plain flax layers, kept below as
+``ConvReference`` / ``ConvTransposeReference`` (tests, benchmarks); parameters are
+``kernel`` (k, k, in, out) and ``bias`` (out,), float32, default precision, held
+directly by the layer (the reference layers nest them one level deeper, in flax's
+``Conv_0`` / ``ConvTranspose_0``).
 
 Why the layers carry a hand-written VJP
 ---------------------------------------
-Each Langevin chain step takes one VJP of the decoder inside a rolled
-``lax.scan`` (an XLA while loop). XLA:CPU runs a convolution fast only when it
-reaches the backend in the canonical form ``dim_labels=b01f_01io->b01f``
-(NHWC input, HWIO kernel) without window reversal: those go to the Eigen / YNNPACK
-kernels. Anything else is emitted as a naive loop nest (visible in the compiled
-HLO as a ``convolution`` carrying ``outer_dimension_partitions``), 10-50x slower.
-The convolutions that autodiff writes for a conv's backward pass are exactly
-"anything else": the input gradient uses a reversed kernel with swapped
-in/out labels (``b01f_01oi->b01f``), the kernel gradient contracts over the
-batch with the cotangent as a (rhs-dilated, reversed) kernel
-(``f01b_i01o->01fb``, ``rhs_dilate=2x2 rhs_reversal=1x1``). Outside a loop the
-compiler rewrites some of these into canonical calls (transpose/reverse copies
-of the operands, YNNPACK fusion); inside the while body it does not, so the
-same backward pass was 3x slower per step in the rolled scan than standalone.
-A second trap: XLA's simplifier swaps a convolution's operands when the kernel
-is spatially larger than the input (e.g. a 4x4 kernel over a 3x3 map, or the
-autodiff kernel gradient whose "kernel" is the cotangent), which introduces
-a window reversal and lands on the slow path everywhere.
+Each Langevin chain step is one VJP of the decoder inside a rolled ``lax.scan``,
+i.e. an XLA while loop. XLA:CPU runs a convolution fast only if it reaches the
+backend as ``dim_labels=b01f_01io->b01f`` (NHWC x HWIO -> NHWC) with no window
+reversal: those go to the Eigen / YNNPACK kernels. Any other convolution is
+emitted as a naive loop nest (in the compiled HLO: a ``convolution`` carrying
+``outer_dimension_partitions``), 10-50x slower. The convolutions autodiff writes
+for a backward pass are of that other kind: the input gradient convolves with a
+reversed, in/out-swapped kernel (``b01f_01oi->b01f``), the kernel gradient
+contracts over the batch with the cotangent as an rhs-dilated, reversed "kernel"
+(``f01b_i01o->01fb``, ``rhs_dilate=2x2 rhs_reversal=1x1``). In the entry
+computation XLA:CPU rewrites some of them into fast calls (transpose/reverse
+copies of the operands, YNNPACK fusions); inside a while body it does not, so the
+plain layers' VJP cost 3x more per step in the rolled scan than standalone.
+Second trap: XLA's simplifier swaps a convolution's operands when the kernel is
+spatially larger than the input (a 4x4 kernel over a 3x3 map, the cotangent used
+as the kernel of a kernel gradient), which adds a window reversal and lands on
+the slow path everywhere.
 
-The custom VJPs below build the backward pass only from canonical, undilated,
-unreversed forward convolutions (plus pads, reshapes, transposes, static
-slices, all of which are fast in loops):
+The custom VJPs below are built only from canonical, undilated, unreversed forward
+convolutions (plus pads, static slices, reshapes, transposes, matmuls, all fast
+in loops), with the large operand always the convolution's lhs:
 
-* ``dx`` of a stride-s conv is a transposed conv of the cotangent with the
-  flipped, in/out-swapped kernel, computed the same way as the transposed
-  conv's forward pass (below). ``dx`` of a transposed conv is the ordinary
-  strided conv of the cotangent with the flipped, swapped kernel (PyTorch's
-  Conv2d / ConvTranspose2d duality).
-* ``dkernel`` is a forward conv with the batch as the contracted feature
-  dimension: the larger operand (input for Conv, cotangent for ConvTranspose),
-  space-to-depth'ed by the stride so the window is undilated, transposed to
-  (C * s * s, H / s, W / s, batch), convolved with the other operand as a
-  (H, W, batch, C') "kernel"; the result is reshuffled into (k, k, in, out).
-  The big operand is always the lhs, so no operand swap happens.
-* A transposed conv (forward, and the conv's ``dx``) is computed in sub-pixel
-  form: output phase (r_h, r_w) of a stride-s transposed conv is a stride-1
-  conv of the input with the sub-kernel ``w[i0_h::s, i0_w::s]``. With few
-  output channels (out * s^2 <= 16) the phases share one conv with
-  ``s^2 * out`` channels over the union window; otherwise each phase is its own
-  conv (no wasted multiply-adds). A depth-to-space reshape interleaves them.
-* A transposed conv on a 1x1 input and a conv with a 1x1 output are plain
-  matmuls (no custom VJP needed).
+* a transposed conv (the forward pass, and a conv's input gradient) in sub-pixel
+  form: output phase (r_h, r_w) of a stride-s transposed conv is a stride-1 conv
+  of the input with the sub-kernel ``w[i0_h::s, i0_w::s]``; one conv per phase
+  (no wasted multiply-adds), or, when ``s * s * out <= 16`` (e.g. the 1-channel
+  output layer), one conv with ``s * s * out`` channels over the union window;
+  a depth-to-space reshape interleaves the phases;
+* a transposed conv's input gradient is the plain strided conv of the cotangent
+  with the flipped, in/out-swapped kernel (PyTorch's Conv2d / ConvTranspose2d
+  duality);
+* a kernel gradient is one conv with the batch as the contracted feature axis:
+  the larger operand (input for Conv, cotangent for ConvTranspose)
+  space-to-depth'ed by the stride (so the window is undilated) and laid out
+  (C * s * s, H / s, W / s, batch), the other laid out (H, W, batch, C') as the
+  "kernel"; the (C * s * s, k / s, k / s, C') result is reshuffled to (k, k, in, out);
+* a transposed conv on a 1x1 input and a conv with a 1x1 output are matmuls
+  (plain autodiff).
 
-Measured on the 2-core CPU of the project (batch 64, 28x28x1 decoder, latent 40,
-discretised Gaussian, grad of the summed log joint w.r.t. (params, z);
-``python -m benchmarks.layers``, medians; the machine was shared, so compare
-within a row):
+Under ``jax.vmap`` with per-member weights (a hyperparameter sweep) JAX would
+batch these convolutions into grouped convolutions (``feature_group_count``),
+which XLA:CPU runs at about half the speed of separate ones; on CPU the building
+blocks therefore carry ``custom_vmap`` rules: shared weights fold the vmapped axis
+into the batch, per-member weights loop (``lax.map``) over the members. Other
+backends keep JAX's default rule.
 
-=====================  ===============  ==========================  =====
-layers                 standalone (ms)  rolled scan, per step (ms)  ratio
-=====================  ===============  ==========================  =====
-plain flax (autodiff)  {REF_STANDALONE}  {REF_SCAN}  {REF_RATIO}
-these layers           {NEW_STANDALONE}  {NEW_SCAN}  {NEW_RATIO}
-=====================  ===============  ==========================  =====
+Measured on the project's 2-core CPU while other jobs shared it (compare within a
+row). ``python -m benchmarks.layers --vmap 2``: 28x28x1 decoder, batch 64, latent
+40, discretised Gaussian, grad of sum_b log p(x_b, z_b) w.r.t. (theta, z), medians:
 
-Outputs and gradients agree with the plain flax layers to float32 rounding
-(tests/test_layers.py). Under ``jax.vmap`` over parameters the convolutions
-become grouped convolutions (``feature_group_count``), which XLA:CPU runs
-correctly but slower than the same number of separate convolutions.
+=====================  ==========  ===================  =====  =====================
+layers                 standalone  rolled scan, /step   ratio  vmap over 2, /member
+=====================  ==========  ===================  =====  =====================
+plain flax (autodiff)  175 ms      538 ms               3.07   703 ms
+these layers           33 ms       32 ms                0.97   34 ms
+=====================  ==========  ===================  =====  =====================
+
+Single layers, batch 64, VJP w.r.t. (input, kernel), min of 7 calls, standalone /
+per iteration of a rolled 10-step scan (ms):
+
+==================================  ==============  ============
+transposed conv                     plain flax      these layers
+==================================  ==============  ============
+6x6x64 -> 12x12x32 (k4 s2 p1)       41.0 / 185.8    5.4 / 5.0
+12x12x32 -> 14x14x32 (k3 s1 p0)     69.8 / 255.2    10.3 / 11.4
+14x14x32 -> 28x28x1 (k4 s2 p1)      2.2 / 9.6       0.6 / 1.0
+==================================  ==============  ============
+
+Outputs and gradients equal the plain flax layers' to float32 rounding, also
+under jit, vmap and a rolled scan (tests/test_layers.py, which also checks the
+compiled scan body for non-canonical convolutions).
 """
 
 from __future__ import annotations
@@ -165,7 +179,8 @@ def _conv_transpose(x: Array, w: Array, s: int, p: int, extra: tuple[int, int] =
                 if not i_h or not i_w:  # stride > kernel: this phase receives nothing
                     cols.append(jnp.zeros((b, ah, aw, co), x.dtype))
                     continue
-                cols.append(_conv_padded(x, w[i_h[0]::s, i_w[0]::s], window(ah, h, d_h, i_h), window(aw, wd, d_w, i_w)))
+                sub_kernel = w[i_h[0]::s, i_w[0]::s]
+                cols.append(_conv_padded(x, sub_kernel, window(ah, h, d_h, i_h), window(aw, wd, d_w, i_w)))
             rows.append(jnp.stack(cols, axis=3))  # (b, ah, aw, s_w, co)
         y = jnp.stack(rows, axis=3)  # (b, ah, aw, s_h, s_w, co)
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(b, ah * s, aw * s, co)
@@ -193,10 +208,16 @@ def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
 # --------------------------------------------------------------------------- vmap rules
 
 
-def _fold_or_loop(fn, fold_ok):
-    """``fn(x, w)`` whose vmap either folds the vmapped axis into x's batch (when w is not
-    batched and ``fold_ok``) or runs the batch as a ``lax.map`` loop of unbatched calls,
-    instead of XLA's grouped convolutions."""
+def _fold_or_loop(fn, fold_ok: bool):
+    """``fn(x, w)`` with a vmap rule that avoids grouped convolutions on XLA:CPU.
+
+    Batched ``x`` with shared ``w`` (and ``fold_ok``): the vmapped axis is folded into
+    the batch, one bigger conv. Otherwise (per-member weights, as in a hyperparameter
+    sweep; the kernel gradient): on CPU a ``lax.map`` over the members, each step a
+    canonical conv; JAX's default rule would emit one grouped conv
+    (``feature_group_count``), which XLA:CPU runs at about half the speed of the
+    separate convs. Other backends keep the default rule.
+    """
     f = jax.custom_batching.custom_vmap(fn)
 
     @f.def_vmap
@@ -205,6 +226,8 @@ def _fold_or_loop(fn, fold_ok):
         if fold_ok and xb and not wb:
             y = f(x.reshape((-1,) + x.shape[2:]), w)
             return y.reshape((axis_size, -1) + y.shape[1:]), True
+        if jax.default_backend() != "cpu":
+            return jax.vmap(fn, in_axes=(0 if xb else None, 0 if wb else None))(x, w), True
         if not xb:
             return lax.map(lambda w: f(x, w), w), True
         if not wb:
@@ -215,15 +238,18 @@ def _fold_or_loop(fn, fold_ok):
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_ops(kind, *static):
+def _batched_ops(kind: str, *static):
+    """The three building blocks, with their vmap rules, per static configuration."""
     if kind == "conv":
         s, p = static
         return _fold_or_loop(lambda x, w: _conv(x, w, s, ((p, p), (p, p))), True)
-    if kind == "convT":
+    if kind == "conv_transpose":
         s, p, extra = static
         return _fold_or_loop(lambda x, w: _conv_transpose(x, w, s, p, extra), True)
-    s, k = static
-    return _fold_or_loop(lambda a, g: _kernel_grad(a, g, s, k), False)
+    if kind == "kernel_grad":
+        s, k = static
+        return _fold_or_loop(lambda a, g: _kernel_grad(a, g, s, k), False)
+    raise ValueError(kind)
 
 
 # --------------------------------------------------------------------------- custom-VJP cores
@@ -245,8 +271,8 @@ def _conv2d_bwd(stride, padding, res, g):
     _, h, wd, _ = x.shape
     # PyTorch's output_padding: input rows past the last full stride step.
     extra = (h + 2 * p - k) % s, (wd + 2 * p - k) % s
-    dx = _batched_ops("convT", s, p, extra)(g, _flip_swap(w))
-    dw = _batched_ops("kgrad", s, k)(_pad_hw(x, (p, 0), (p, 0)), g)
+    dx = _batched_ops("conv_transpose", s, p, extra)(g, _flip_swap(w))
+    dw = _batched_ops("kernel_grad", s, k)(_pad_hw(x, (p, 0), (p, 0)), g)
     return dx, dw
 
 
@@ -256,7 +282,7 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_transpose2d(x: Array, w: Array, stride: int, padding: int) -> Array:
     """flax ``ConvTranspose`` (no bias, kernel not flipped) with PyTorch ``padding``."""
-    return _batched_ops("convT", stride, padding, (0, 0))(x, w)
+    return _batched_ops("conv_transpose", stride, padding, (0, 0))(x, w)
 
 
 def _conv_transpose2d_fwd(x, w, stride, padding):
@@ -267,7 +293,7 @@ def _conv_transpose2d_bwd(stride, padding, res, g):
     x, w = res
     s, p, k = stride, padding, w.shape[0]
     dx = _batched_ops("conv", s, p)(g, _flip_swap(w))
-    dw = _flip_swap(_batched_ops("kgrad", s, k)(_pad_hw(g, (p, 0), (p, 0)), x))
+    dw = _flip_swap(_batched_ops("kernel_grad", s, k)(_pad_hw(g, (p, 0), (p, 0)), x))
     return dx, dw
 
 

@@ -132,5 +132,9 @@ def test_launcher_help_lists_flags(launches):
     for flag in ("--step_size", "--decay", "--num_steps", "--warm_start", "--workdir", "--data_dir"):
         assert flag in out, out
     # The launcher's own default (experiments/fashion_mnist.py), not Config's 300.
-    assert re.search(r"--num_steps: .*\n\s+\(default: '20'\)", out), out
+    from experiments import fashion_mnist
+
+    want = fashion_mnist.DEFAULTS["num_steps"]
+    assert want != Config().num_steps
+    assert re.search(rf"--num_steps: .*\n\s+\(default: '{want}'\)", out), out
     assert not os.path.exists(workdir)

@@ -120,7 +120,8 @@ def test_outputs_and_gradients_match_flax(kind, spec, x_shape):
     chex.assert_trees_all_equal_shapes_and_dtypes(ours, theirs)  # drop-in: same names, shapes
 
     x, params, cot = _inputs(kind, spec, x_shape)
-    (y_new, (gp_new, gx_new)), (y_ref, (gp_ref, gx_ref)) = _run_quickly(_outputs_and_grads, kind, spec, x, params, cot, static=2)
+    new_out, ref_out = _run_quickly(_outputs_and_grads, kind, spec, x, params, cot, static=2)
+    (y_new, (gp_new, gx_new)), (y_ref, (gp_ref, gx_ref)) = new_out, ref_out
     _assert_close(y_new, y_ref)
     _assert_close(gx_new, gx_ref)  # input
     _assert_close(gp_new["kernel"], gp_ref["kernel"])
@@ -140,29 +141,31 @@ def test_vmap(kind, spec, x_shape):
     vparams = jax.tree.map(lambda a: jnp.asarray(np.asarray(a) + 0.05 * rng.normal(size=(3,) + a.shape), jnp.float32),
                            params)
     vx = jnp.asarray(np.stack([x, -x, 2.0 * x]), jnp.float32)
-    in_axes = ((0, 0), (0, None), (None, 0))
+    vcot = jnp.asarray(np.stack([cot, 0.5 * cot, -cot]), jnp.float32)  # batched cotangents too
+    in_axes = ((0, 0, 0), (0, None, 0), (None, 0, 0))
 
     @jax.jit
     def run(params, x, vparams, vx):
         _, _, apply_new, apply_ref = _appliers(kind, spec)
 
         def outputs_and_grads(apply):
-            def one(p, x):
+            def one(p, x, c):
                 y, vjp = jax.vjp(apply, p, x)
-                return y, vjp(cot)
+                return y, vjp(c)
             return one
 
         out = {}
         for axes in in_axes:
-            args = (vparams if axes[0] == 0 else params, vx if axes[1] == 0 else x)
-            out[str(axes)] = tuple(jax.vmap(outputs_and_grads(apply), in_axes=axes)(*args) for apply in (apply_new, apply_ref))
-        single_new = outputs_and_grads(apply_new)(jax.tree.map(lambda a: a[1], vparams), vx[1])
+            args = (vparams if axes[0] == 0 else params, vx if axes[1] == 0 else x, vcot)
+            out[str(axes)] = tuple(jax.vmap(outputs_and_grads(apply), in_axes=axes)(*args)
+                                   for apply in (apply_new, apply_ref))
+        single_new = outputs_and_grads(apply_new)(jax.tree.map(lambda a: a[1], vparams), vx[1], vcot[1])
         return out, single_new
 
     out, single_new = _run_quickly(run, params, x, vparams, vx)
     for axes in in_axes:
         _assert_close(*out[str(axes)])
-    _assert_close(jax.tree.map(lambda a: a[1], out[str((0, 0))][0]), single_new)
+    _assert_close(jax.tree.map(lambda a: a[1], out[str((0, 0, 0))][0]), single_new)
 
 
 def _decoder_chain(decoder, x, steps):
@@ -251,3 +254,10 @@ def test_scan_body_has_only_canonical_convolutions(chain_28):
     assert len(convs) >= 10
     bad = [line for line in convs if _SLOW_CONV.search(line) or "dim_labels=b01f_01io->b01f" not in line]
     assert not bad, "\n".join(bad)
+
+
+def test_vmap_rule_off_cpu(monkeypatch):
+    """On other backends the layers keep JAX's default batching (grouped convolutions);
+    exercised here by pretending the backend is not the CPU."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    test_vmap("conv", (64, 3, 2, 1), (2, 3, 3, 64))
