@@ -54,9 +54,9 @@ def image_shape(name: str) -> tuple[int, int, int]:
 
 def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
     hint = (
-        f"Reinstall the package (`apt-get update && apt-get install --reinstall "
-        f"dataset-fashion-mnist`) or point --data_dir at a directory with the four "
-        f"Fashion-MNIST *-ubyte.gz files."
+        "Reinstall the package (`apt-get update && apt-get install --reinstall "
+        "dataset-fashion-mnist`) or point --data_dir at a directory with the four "
+        "Fashion-MNIST *-ubyte.gz files."
     )
     try:
         with gzip.open(path, "rb") as f:

@@ -32,7 +32,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lpc_jax import checkpoints, classifier, data, inception, metrics, models, plotting

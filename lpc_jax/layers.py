@@ -328,36 +328,32 @@ def _add_bias(y: Array, b: Array) -> Array:
 # --------------------------------------------------------------------------- modules
 
 
-class Conv(nn.Module):
+class _Layer(nn.Module):
+    """Table 2's ``(features, kernel, stride, padding)`` layer over the function ``_op``."""
+
+    features: int
+    kernel: int = 4
+    stride: int = 2
+    padding: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel
+        w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+        b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return _add_bias(type(self)._op(x, w, self.stride, self.padding), b)
+
+
+class Conv(_Layer):
     """``Conv2d(in, features, kernel, stride, padding)`` on NHWC inputs."""
 
-    features: int
-    kernel: int = 4
-    stride: int = 2
-    padding: int = 1
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        k = self.kernel
-        w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
-        b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return _add_bias(conv(x, w, self.stride, self.padding), b)
+    _op = staticmethod(conv)
 
 
-class ConvTranspose(nn.Module):
+class ConvTranspose(_Layer):
     """Transposed conv: ``out = (in - 1) * stride - 2 * padding + kernel``, NHWC."""
 
-    features: int
-    kernel: int = 4
-    stride: int = 2
-    padding: int = 1
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        k = self.kernel
-        w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
-        b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return _add_bias(conv_transpose(x, w, self.stride, self.padding), b)
+    _op = staticmethod(conv_transpose)
 
 
 class ConvReference(nn.Module):

@@ -11,20 +11,19 @@ import subprocess
 import sys
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from lpc_jax import data, langevin, models, sweep
+from lpc_jax import data, langevin, sweep
 from lpc_jax import train_step as ts
 from lpc_jax.config import Config
+from tests import tiny_model as tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPE = (6, 6, 1)
-LATENT = 5
+SHAPE, LATENT = tiny.SHAPE, tiny.LATENT
 BATCH = 3
 T = 4
 CONFIG = Config(num_steps=T, batch_size=BATCH, latent_dim=LATENT, prior_init_batches=1,
@@ -34,25 +33,8 @@ DECAYS = (0.0, 0.25, 0.99)
 SEEDS = (0, 1, 2)
 
 
-class TinyDecoder(nn.Module):
-    @nn.compact
-    def __call__(self, z):
-        h = nn.silu(nn.Dense(16)(z))
-        mean = nn.Dense(36)(h).reshape(z.shape[0], *SHAPE)
-        return mean, self.param("log_scale", nn.initializers.constant(-1.0), (1,)).reshape(1, 1, 1, 1)
-
-
-class TinyEncoder(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        out = nn.Dense(2 * LATENT)(nn.silu(nn.Dense(16)(x.reshape(x.shape[0], -1))))
-        mean, raw = jnp.split(out, 2, axis=-1)
-        return mean, models.softplus_beta(raw) + 1e-6
-
-
 def tiny_model(config=CONFIG):
-    decoder = TinyDecoder()
-    return ts.Model(decoder, TinyEncoder(), models.make_log_joint(decoder), optax.adam(config.learning_rate))
+    return tiny.tiny_model(optax.adam(config.learning_rate))
 
 
 def uint8_images(n, key=0):

@@ -3,49 +3,29 @@
 import functools
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from lpc_jax import langevin, models, objectives, train_step as ts
+from lpc_jax import langevin, objectives, train_step as ts
 from lpc_jax.config import Config
+from tests import tiny_model as tiny_nets
 
 SHAPE = (28, 28, 1)
 BATCH = 3
 T = 4
 
 
-class TinyDecoder(nn.Module):
-    """A two-layer MLP decoder to 6x6x1 images: the same interface as models.Decoder."""
-
-    @nn.compact
-    def __call__(self, z):
-        h = nn.silu(nn.Dense(16)(z))
-        mean = nn.Dense(36)(h).reshape(z.shape[0], 6, 6, 1)
-        return mean, self.param("log_scale", nn.initializers.constant(-1.0), (1,)).reshape(1, 1, 1, 1)
-
-
-class TinyEncoder(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        out = nn.Dense(2 * LATENT)(nn.silu(nn.Dense(16)(x.reshape(x.shape[0], -1))))
-        mean, raw = jnp.split(out, 2, axis=-1)
-        return mean, models.softplus_beta(raw) + 1e-6
-
-
-LATENT = 5
-TINY_SHAPE = (6, 6, 1)
+LATENT, TINY_SHAPE = tiny_nets.LATENT, tiny_nets.SHAPE
 
 
 def sgd_model(lr=1.0, tiny=True):
     # SGD with lr 1 makes "old params - new params" the raw gradient.
     if not tiny:
         return ts.build_model(Config(dataset="fashion_mnist"))._replace(optimizer=optax.sgd(lr))
-    decoder = TinyDecoder()
-    return ts.Model(decoder, TinyEncoder(), models.make_log_joint(decoder), optax.sgd(lr))
+    return tiny_nets.tiny_model(optax.sgd(lr))
 
 
 def images(shape, key=1):
