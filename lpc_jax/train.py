@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lpc_jax import checkpoints, data, evaluation, langevin, models, plotting
+from lpc_jax import checkpoints, data, evaluation, langevin, plotting
 from lpc_jax import config as config_lib
 from lpc_jax import train_step as ts
 from lpc_jax.config import Config
@@ -49,13 +49,6 @@ def total_train_steps(config: Config, num_examples: int) -> int:
     if config.num_train_steps:
         return config.num_train_steps
     return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
-
-
-def sample_images(params, model: ts.Model, rng_key: jax.Array, num: int, latent_dim: int,
-                  prior_scale: float) -> np.ndarray:
-    """Decoder means (logits -> probabilities for Bernoulli) of z ~ prior, (num, H, W, C) in [-1, 1]."""
-    z = prior_scale * jax.random.normal(rng_key, (num, latent_dim))
-    return np.asarray(models.decode_mean(model.decoder, params["decoder"], z, model.likelihood))
 
 
 def evaluate_elbo(params, model: ts.Model, images: np.ndarray, rng_key: jax.Array,
@@ -137,7 +130,7 @@ def _train(config, workdir, model, state, ckpt, train, test, num_total, steps_pe
     samples_path = os.path.join(workdir, "samples.png")
 
     def write_samples(state, step):
-        imgs = sample_images(state.params, model, sample_key, 64, config.latent_dim, config.prior_scale)
+        imgs = evaluation.sample_prior(state.params, model, config, 64, sample_key)
         plotting.save_image_grid(imgs, samples_path, ncols=8,
                                  title=f"{config.algorithm} {config.dataset}: z ~ prior, step {step}")
 
