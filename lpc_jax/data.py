@@ -194,6 +194,24 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) * (2.0 / 255.0) - 1.0
 
 
+def step_batches(images: np.ndarray, batch_size: int, seed: int, start_step: int,
+                 num_steps: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields ``(step, batch)`` for SGD steps ``start_step .. num_steps - 1``.
+
+    Step ``s`` gets batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``
+    in :func:`batches`' order, so a run resumed at ``start_step`` sees exactly the
+    batches an uninterrupted run would. Only the batches yielded are converted.
+    """
+    steps_per_epoch = images.shape[0] // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {batch_size} exceeds the {images.shape[0]} examples")
+    for step in range(start_step, num_steps):
+        epoch, index = divmod(step, steps_per_epoch)
+        if step == start_step or index == 0:
+            order = np.random.default_rng([seed, epoch]).permutation(images.shape[0])
+        yield step, to_float(images[order[index * batch_size : (index + 1) * batch_size]])
+
+
 def batches(images: np.ndarray, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
     """Yields shuffled full batches of one epoch as float32 in [-1, 1].
 

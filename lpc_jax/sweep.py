@@ -309,7 +309,6 @@ def run_sweep(config: Config, step_sizes: Sequence[float], decays: Sequence | No
                                 config.eval_examples or None).images
     image_shape = tuple(train_images.shape[1:])
     num_total = train_lib.total_train_steps(config, train_images.shape[0])
-    steps_per_epoch = train_images.shape[0] // config.batch_size
 
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "sweep_config.json"), "w") as f:
@@ -342,52 +341,50 @@ def run_sweep(config: Config, step_sizes: Sequence[float], decays: Sequence | No
                  K, len(groups), mode, config.dataset, num_total, config.num_steps, config.batch_size)
     t_start = t_window = time.time()
     step, window_start = 0, 0
-    while step < num_total and not all(d is not None for d in diverged):
-        epoch = step // steps_per_epoch
-        for x in data.batches(train_images, config.batch_size, config.seed, epoch):
-            if step >= num_total or all(d is not None for d in diverged):
-                break
-            x = jnp.asarray(x)
+    for index, x in data.step_batches(train_images, config.batch_size, config.seed, 0, num_total):
+        if all(d is not None for d in diverged):
+            break
+        x = jnp.asarray(x)
+        for g in groups:
+            g["state"], metrics = g["fn"](g["state"], x, _fold_in_all(g["step_keys"], step), g["hparams"])
+            metrics = jax.device_get(metrics)
+            finite = np.asarray(_members_finite(g["state"].params))
+            for j, i in enumerate(g["idx"]):
+                if diverged[i] is not None:
+                    continue
+                row = {k: float(v[j]) for k, v in metrics.items()}
+                if not finite[j] or not all(math.isfinite(v) for v in row.values()):
+                    diverged[i] = step + 1
+                    logging.warning("member %d (step_size %g, decay %s) diverged at step %d",
+                                    i, members[i]["step_size"], _decay_label(members[i]["decay"]), step + 1)
+                else:
+                    last[i] = row
+        step = index + 1
+        fd_now = monitor is not None and config.fd_every > 0 and (
+            step % config.fd_every == 0 or step == num_total)
+        if fd_now:
             for g in groups:
-                g["state"], metrics = g["fn"](g["state"], x, _fold_in_all(g["step_keys"], step), g["hparams"])
-                metrics = jax.device_get(metrics)
-                finite = np.asarray(_members_finite(g["state"].params))
                 for j, i in enumerate(g["idx"]):
-                    if diverged[i] is not None:
-                        continue
-                    row = {k: float(v[j]) for k, v in metrics.items()}
-                    if not finite[j] or not all(math.isfinite(v) for v in row.values()):
-                        diverged[i] = step + 1
-                        logging.warning("member %d (step_size %g, decay %s) diverged at step %d",
-                                        i, members[i]["step_size"], _decay_label(members[i]["decay"]), step + 1)
-                    else:
-                        last[i] = row
-            step += 1
-            fd_now = monitor is not None and config.fd_every > 0 and (
-                step % config.fd_every == 0 or step == num_total)
-            if fd_now:
-                for g in groups:
-                    for j, i in enumerate(g["idx"]):
-                        if diverged[i] is None:
-                            last[i][fd_name] = monitor(member(g["state"].params, j), model, config,
-                                                       keys[i][2])[fd_name]
-            if fd_now or step % config.log_every == 0 or step == num_total:
-                now = time.time()
-                rate = (step - window_start) / max(now - t_window, 1e-9)
-                rows = [{"step": step, "member": i, "step_size": m["step_size"], "decay": m["decay"],
-                         "seed": m["seed"], **({k: _clean(v) for k, v in last[i].items()}
-                                               if diverged[i] is None else {"diverged_at_step": diverged[i]})}
-                        for i, m in enumerate(members)]
-                with open(metrics_path, "a") as f:
-                    for r in rows:
-                        f.write(json.dumps(r) + "\n")
-                alive = [last[i]["elbo"] for i in range(K) if diverged[i] is None and "elbo" in last[i]]
-                logging.info("step %d/%d | %.2f steps/s (%d members) | best elbo %.1f | %d diverged",
-                             step, num_total, rate, K, max(alive) if alive else float("nan"),
-                             sum(d is not None for d in diverged))
-                t_window, window_start = now, step
-                if on_log:
-                    on_log(step, rows)
+                    if diverged[i] is None:
+                        last[i][fd_name] = monitor(member(g["state"].params, j), model, config,
+                                                   keys[i][2])[fd_name]
+        if fd_now or step % config.log_every == 0 or step == num_total:
+            now = time.time()
+            rate = (step - window_start) / max(now - t_window, 1e-9)
+            rows = [{"step": step, "member": i, "step_size": m["step_size"], "decay": m["decay"],
+                     "seed": m["seed"], **({k: _clean(v) for k, v in last[i].items()}
+                                           if diverged[i] is None else {"diverged_at_step": diverged[i]})}
+                    for i, m in enumerate(members)]
+            with open(metrics_path, "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+            alive = [last[i]["elbo"] for i in range(K) if diverged[i] is None and "elbo" in last[i]]
+            logging.info("step %d/%d | %.2f steps/s (%d members) | best elbo %.1f | %d diverged",
+                         step, num_total, rate, K, max(alive) if alive else float("nan"),
+                         sum(d is not None for d in diverged))
+            t_window, window_start = now, step
+            if on_log:
+                on_log(step, rows)
     train_s = time.time() - t_start
 
     results = [{"member": i, **m, "diverged_at_step": diverged[i],

@@ -148,43 +148,36 @@ def _train(config, workdir, model, state, ckpt, train, test, num_total, steps_pe
     step = start_step
     new_state = state
     try:
-        while step < num_total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            for x in data.batches(train.images, config.batch_size, config.seed, epoch):
-                if offset > 0:  # resume mid-epoch: skip batches already trained on
-                    offset -= 1
-                    continue
-                if step >= num_total:
-                    break
-                new_state, metrics = step_fn(state, jnp.asarray(x), jax.random.fold_in(step_key, step), hparams)
-                metrics = jax.device_get(metrics)
-                if not _finite(metrics) or not _params_finite(new_state.params):
-                    raise DivergenceError(
-                        f"step {step + 1} produced NaN/Inf (metrics: "
-                        f"{ {k: float(v) for k, v in metrics.items()} }). Training stopped; the last "
-                        f"good checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is untouched. Try a "
-                        f"smaller --step_size or --learning_rate, or --preconditioner.")
-                state, step = new_state, step + 1
-                fd_now = fd_monitor is not None and (step % config.fd_every == 0 or step == num_total)
-                if fd_now or step % config.log_every == 0 or step == num_total:
-                    now = time.time()
-                    rate = (step - window_start) / max(now - t_window, 1e-9)
-                    row = {"step": step, "epoch": step / steps_per_epoch,
-                           **{k: float(v) for k, v in metrics.items()},
-                           "examples_per_s": rate * config.batch_size, "wall_s": now - t_start}
-                    if fd_now:
-                        row.update(fd_monitor(state.params, model, config, sample_key))
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    logging.info("step %d/%d (%.1f%%) | %.2f steps/s, %.0f ex/s | ETA %s | loss %.1f elbo %.1f",
-                                 step, num_total, 100 * step / num_total, rate, rate * config.batch_size,
-                                 _format_time((num_total - step) / max(rate, 1e-9)), row["loss"], row["elbo"])
-                    t_window, window_start = now, step
-                    if on_log:
-                        on_log(step, row)
-                if step % config.checkpoint_every == 0 or step == num_total:
-                    ckpt.save(step, state)
-                    write_samples(state, step)
+        for index, x in data.step_batches(train.images, config.batch_size, config.seed, start_step, num_total):
+            new_state, metrics = step_fn(state, jnp.asarray(x), jax.random.fold_in(step_key, index), hparams)
+            metrics = jax.device_get(metrics)
+            if not _finite(metrics) or not _params_finite(new_state.params):
+                raise DivergenceError(
+                    f"step {index + 1} produced NaN/Inf (metrics: "
+                    f"{ {k: float(v) for k, v in metrics.items()} }). Training stopped; the last "
+                    f"good checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is untouched. Try a "
+                    f"smaller --step_size or --learning_rate, or --preconditioner.")
+            state, step = new_state, index + 1
+            fd_now = fd_monitor is not None and (step % config.fd_every == 0 or step == num_total)
+            if fd_now or step % config.log_every == 0 or step == num_total:
+                now = time.time()
+                rate = (step - window_start) / max(now - t_window, 1e-9)
+                row = {"step": step, "epoch": step / steps_per_epoch,
+                       **{k: float(v) for k, v in metrics.items()},
+                       "examples_per_s": rate * config.batch_size, "wall_s": now - t_start}
+                if fd_now:
+                    row.update(fd_monitor(state.params, model, config, sample_key))
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                logging.info("step %d/%d (%.1f%%) | %.2f steps/s, %.0f ex/s | ETA %s | loss %.1f elbo %.1f",
+                             step, num_total, 100 * step / num_total, rate, rate * config.batch_size,
+                             _format_time((num_total - step) / max(rate, 1e-9)), row["loss"], row["elbo"])
+                t_window, window_start = now, step
+                if on_log:
+                    on_log(step, row)
+            if step % config.checkpoint_every == 0 or step == num_total:
+                ckpt.save(step, state)
+                write_samples(state, step)
     except KeyboardInterrupt:
         if _deleted(state):
             # Ctrl-C landed while the step that consumed (donated) ``state`` ran:

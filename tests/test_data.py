@@ -264,3 +264,14 @@ def test_batches_deterministic_per_seed_and_epoch():
     assert not np.array_equal(order(3, 0), order(3, 1))  # reshuffled every epoch
     assert not np.array_equal(order(3, 0), order(4, 0))  # and per seed
     np.testing.assert_array_equal(np.sort(order(3, 2)), np.arange(40))  # a permutation
+
+
+def test_step_batches_follow_the_epoch_order_from_any_start():
+    images = np.arange(10 * 2 * 2 * 1, dtype=np.uint8).reshape(10, 2, 2, 1)
+    epochs = [list(data.batches(images, 3, seed=4, epoch=e)) for e in range(3)]
+    schedule = [b for epoch in epochs for b in epoch]  # 3 batches per epoch
+    for start in (0, 2, 3, 5):
+        got = list(data.step_batches(images, 3, seed=4, start_step=start, num_steps=8))
+        assert [s for s, _ in got] == list(range(start, 8))
+        for s, batch in got:
+            np.testing.assert_array_equal(batch, schedule[s])
