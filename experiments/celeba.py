@@ -5,5 +5,7 @@
 
 from experiments import launch
 
+DEFAULTS = dict(dataset="celeba", step_size=0.1, decay=0.25, preconditioner=True, num_epochs=15.0)
+
 if __name__ == "__main__":
-    launch.run(dataset="celeba", step_size=0.1, decay=0.25, preconditioner=True, num_epochs=15)
+    launch.run(**DEFAULTS)

@@ -2,5 +2,7 @@
 
 from experiments import launch
 
+DEFAULTS = dict(dataset="cifar10", step_size=0.1, decay=0.25, preconditioner=True, num_epochs=15.0)
+
 if __name__ == "__main__":
-    launch.run(dataset="cifar10", step_size=0.1, decay=0.25, preconditioner=True, num_epochs=15)
+    launch.run(**DEFAULTS)

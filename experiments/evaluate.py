@@ -15,15 +15,14 @@ with ``--inception_weights``) are far slower on a CPU.
 from __future__ import annotations
 
 import json
-import logging as py_logging
 import os
-import sys
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 
-from lpc_jax import checkpoints, evaluation
+from experiments import launch
+from lpc_jax import evaluation
 
 flags.DEFINE_string("workdir", None, "Run directory written by a launcher (holds config.json, checkpoints/).")
 flags.DEFINE_integer("num_samples", 10000, "Generated images, compared with as many real test images.")
@@ -45,12 +44,9 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory of a training run")
-    logging.get_absl_handler().addFilter(lambda r: r.levelno >= py_logging.WARNING or "orbax" not in r.pathname)
     t0 = time.time()
     workdir = FLAGS.workdir
     try:
@@ -60,13 +56,13 @@ def main(argv):
               flush=True)
         result = evaluation.evaluate(
             config, model, state, num_samples=FLAGS.num_samples, rng_key=jax.random.key(FLAGS.seed),
-            inception_weights=FLAGS.inception_weights, iwae_samples=FLAGS.iwae_samples,
-            iwae_examples=FLAGS.iwae_examples, elbo_examples=FLAGS.elbo_examples,
-            kid_subsets=FLAGS.kid_subsets, samples_png=os.path.join(workdir, "eval_samples.png"))
-    except (FileNotFoundError, checkpoints.CheckpointError, ValueError) as e:
-        # FileNotFoundError covers data.DatasetNotFoundError and missing Inception weights.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+            options=evaluation.EvalOptions(
+                inception_weights=FLAGS.inception_weights, iwae_samples=FLAGS.iwae_samples,
+                iwae_examples=FLAGS.iwae_examples, elbo_examples=FLAGS.elbo_examples,
+                kid_subsets=FLAGS.kid_subsets),
+            samples_png=os.path.join(workdir, "eval_samples.png"))
+    except launch.RUN_ERRORS as e:  # FileNotFoundError: no run, no dataset, no Inception weights
+        launch.exit_with_error(e)
     result.update({"workdir": os.path.abspath(workdir), "seed": FLAGS.seed,
                    "total_wall_s": time.time() - t0})
     out_path = os.path.join(workdir, FLAGS.output)
@@ -88,4 +84,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    app.run(launch.absl_main(main))

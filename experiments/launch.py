@@ -1,44 +1,110 @@
-"""Shared body of the dataset launchers: parse flags, train, report."""
+"""Shared body of the launchers: flag defaults, the absl main, error exits, train and report.
+
+A dataset launcher is ``launch.run(**DEFAULTS)``; ``experiments/sweep.py`` is
+``launch.run(main, **DEFAULTS)`` with a main of its own. Importing this module defines no flags
+(``experiments/evaluate.py`` uses its error helpers beside flags of its own);
+:func:`run` defines the shared set.
+"""
 
 from __future__ import annotations
 
 import logging as py_logging
+import re
 import sys
+from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags, logging
 
-from experiments import flags as lpc_flags  # noqa: F401  (defines the flags)
-from lpc_jax import checkpoints, data, train
+from experiments import flags as lpc_flags
+from lpc_jax import checkpoints, train
+from lpc_jax.config import Config
+
+FLAGS = flags.FLAGS
+
+# Failures a run reports as `error: ...` and exit status 1: missing data or
+# weights (FileNotFoundError), an unreadable checkpoint, a diverged chain
+# (train.DivergenceError is a FloatingPointError), a value the library rejects.
+RUN_ERRORS = (FileNotFoundError, checkpoints.CheckpointError, FloatingPointError, ValueError)
 
 
-def run(**defaults) -> None:
-    """Sets flag defaults for one dataset, then runs ``train_and_evaluate``."""
-    for name, value in defaults.items():
-        flags.FLAGS.set_default(name, value)
-    # absl's --help lists only the main module's key flags; the shared flags are
-    # defined in experiments.flags, so make them key flags of the launcher too.
-    for flag in flags.FLAGS.get_key_flags_for_module(lpc_flags.__name__):
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+def flag_message(error: Exception) -> str:
+    """``error``'s text with a leading flag name written as a flag.
 
-    def main(argv):
-        # Keep the terminal to our progress lines: drop library INFO chatter (orbax).
-        logging.get_absl_handler().addFilter(
-            lambda r: r.levelno >= py_logging.WARNING or "orbax" not in r.pathname)
+    The library names fields (``step_size=-1.0 is invalid: ...``,
+    ``step_sizes is empty``); on the command line the field is ``--step_size``.
+    Text that does not start with a defined flag's name followed by ``=``,
+    ``:`` or `` is `` is returned unchanged.
+    """
+    text = str(error)
+    name = re.match(r"[a-z_]\w*(?=[=:]| is )", text)
+    return f"--{text}" if name and name.group() in FLAGS else text
+
+
+def usage_error(error: Exception) -> app.UsageError:
+    """An absl usage error (usage text, exit status 1) naming the offending ``--flag``."""
+    return app.UsageError(flag_message(error))
+
+
+def exit_with_error(error: Exception) -> NoReturn:
+    """Prints ``error: <message>`` (flags as ``--flag``) to stderr and exits with status 1."""
+    print(f"error: {flag_message(error)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_config() -> Config:
+    """The validated Config of the parsed flags; a bad value is a usage error naming its flag."""
+    try:
+        return lpc_flags.config_from_flags()
+    except ValueError as e:
+        raise usage_error(e) from None
+
+
+def _drop_orbax_info(record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+
+
+def absl_main(main_fn: Callable[[], None]) -> Callable[[Sequence[str]], None]:
+    """``main_fn`` as an ``app.run`` main: no positional arguments, no orbax INFO lines."""
+
+    def main(argv: Sequence[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        try:
-            config = lpc_flags.config_from_flags()
-        except ValueError as e:
-            raise app.UsageError(str(e))
-        workdir = lpc_flags.workdir_from_flags(config)
-        try:
-            summary = train.train_and_evaluate(config, workdir)
-        except (data.DatasetNotFoundError, checkpoints.CheckpointError, train.DivergenceError, ValueError) as e:
-            logging.error("%s", e)
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-        print(f"samples: {summary['samples_png']}\n"
-              f"test ELBO: {summary['test_elbo_nats']:.1f} nats "
-              f"({summary['test_elbo_bits_per_dim']:.3f} bits/dim) on {summary['test_examples']} images")
+        # Keep the terminal to our progress lines: drop library INFO chatter (orbax).
+        logging.get_absl_handler().addFilter(_drop_orbax_info)
+        main_fn()
 
-    app.run(main)
+    return main
+
+
+def train_and_report() -> None:
+    """The dataset launchers' main: ``train.train_and_evaluate`` under the flags; prints the result."""
+    config = parse_config()
+    workdir = lpc_flags.workdir_from_flags(config)
+    try:
+        summary = train.train_and_evaluate(config, workdir)
+    except RUN_ERRORS as e:
+        exit_with_error(e)
+    print(f"samples: {summary['samples_png']}\n"
+          f"test ELBO: {summary['test_elbo_nats']:.1f} nats "
+          f"({summary['test_elbo_bits_per_dim']:.3f} bits/dim) on {summary['test_examples']} images")
+    fd_keys = sorted(k for k in summary if k.startswith(("fd_", "density_", "coverage_")))
+    if fd_keys:
+        print(f"{summary['eval_samples']} prior samples: "
+              + ", ".join(f"{k} {summary[k]:.3f}" for k in fd_keys))
+
+
+def run(main_fn: Callable[[], None] = train_and_report, /, **defaults) -> None:
+    """Defines the shared flags, sets this launcher's defaults, then runs ``main_fn`` under absl.
+
+    Args:
+      main_fn: the launcher's work, called with the flags parsed (default: train and report).
+      **defaults: flag name -> default value for this launcher (shown by ``--help``).
+    """
+    lpc_flags.define_flags()
+    for name, value in defaults.items():
+        FLAGS.set_default(name, value)
+    # absl's --help lists only the main module's key flags; the shared flags are
+    # defined in experiments.flags, so make them key flags of the launcher too.
+    for flag in FLAGS.get_key_flags_for_module(lpc_flags.__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(absl_main(main_fn))

@@ -2,5 +2,7 @@
 
 from experiments import launch
 
+DEFAULTS = dict(dataset="svhn", step_size=1e-3, preconditioner=False, num_epochs=15.0)
+
 if __name__ == "__main__":
-    launch.run(dataset="svhn", step_size=1e-3, preconditioner=False, num_epochs=15)
+    launch.run(**DEFAULTS)

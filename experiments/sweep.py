@@ -18,19 +18,18 @@ size, log axis, one line per decay) and ``sweep_metrics.jsonl``.
 
 from __future__ import annotations
 
-import math
-import sys
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from experiments import flags as lpc_flags  # noqa: F401  (defines the shared flags)
-from lpc_jax import data, sweep
+from experiments import flags as lpc_flags
+from experiments import launch
+from lpc_jax import sweep
 
 flags.DEFINE_string("step_sizes", "0.001,0.01,0.1,0.5", "Comma-separated Langevin step sizes (each > 0).")
 flags.DEFINE_string("decays", None, "Comma-separated preconditioner decays in [0, 1); 'off' adds members "
                     "without the preconditioner. Default: --decay (or 'off' with --nopreconditioner).")
 flags.DEFINE_string("metric", "elbo", f"Metric to rank and plot: one of {sorted(sweep.METRICS)} "
                     "('fd' = classifier-space Frechet distance, e.g. fd_fmnist; costs ~2000 samples per member).")
+lpc_flags.define_flags()  # the launchers' flags, so that importing this module gives the whole command line
 
 FLAGS = flags.FLAGS
 
@@ -44,64 +43,57 @@ DEFAULTS = dict(
 )
 
 
-def _parse_floats(flag: str, text: str | None, allow_off: bool = False) -> list:
-    """Comma-separated numbers (and 'off' if allowed) -> list; UsageError naming the flag."""
-    if text is None or not text.strip():
-        raise app.UsageError(f"--{flag} is empty: give comma-separated values, e.g. --{flag}=0.01,0.1")
+def _parse_list(flag: str, text: str | None, allow_off: bool = False) -> list:
+    """Comma-separated numbers (and 'off' if allowed) -> list; UsageError naming a non-number.
+
+    Only parses: whether each value is a valid step size or decay is for
+    ``sweep.resolve_members`` (that is, ``Config.validate``) to say.
+    """
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
     out = []
-    for item in (t.strip() for t in text.split(",")):
+    for item in items:
         if allow_off and item.lower() == sweep.OFF:
             out.append(sweep.OFF)
             continue
         try:
-            v = float(item)
+            out.append(float(item))
         except ValueError:
             raise app.UsageError(f"--{flag}={text!r}: {item!r} is not a number"
                                  + (" or 'off'" if allow_off else "")) from None
-        if not math.isfinite(v):
-            raise app.UsageError(f"--{flag}={text!r}: {item!r} is not finite")
-        out.append(v)
     return out
 
 
 def parse_sweep_flags():
-    """(config, step_sizes, decays, metric) from the parsed flags, all validated."""
-    try:
-        config = lpc_flags.config_from_flags()
-    except ValueError as e:
-        raise app.UsageError(str(e))
+    """(config, step_sizes, decays, metric) from the parsed flags, all validated.
+
+    Raises:
+      app.UsageError: naming the offending ``--flag``.
+    """
+    config = launch.parse_config()
     if config.algorithm != "lpc":
         raise app.UsageError(f"--algorithm={config.algorithm!r}: a Langevin step-size sweep needs --algorithm=lpc")
-    step_sizes = _parse_floats("step_sizes", FLAGS.step_sizes)
-    decays = None if FLAGS.decays is None else _parse_floats("decays", FLAGS.decays, allow_off=True)
+    step_sizes = _parse_list("step_sizes", FLAGS.step_sizes)
+    decays = None if FLAGS.decays is None else _parse_list("decays", FLAGS.decays, allow_off=True)
     metric = FLAGS.metric
     if metric not in sweep.METRICS:
         raise app.UsageError(f"--metric={metric!r} is invalid: choose one of {sorted(sweep.METRICS)}")
     try:
         sweep.resolve_members(config, step_sizes, decays)
     except ValueError as e:
-        raise app.UsageError(str(e))
+        raise launch.usage_error(e) from None
     return config, step_sizes, decays, metric
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> None:
     config, step_sizes, decays, metric = parse_sweep_flags()
-    workdir = FLAGS.workdir or f"runs/{config.dataset}_sweep"
+    workdir = lpc_flags.workdir_from_flags(config, run_name="sweep")
     try:
         summary = sweep.run_sweep(config, step_sizes, decays, workdir, metric=metric)
-    except (data.DatasetNotFoundError, ValueError) as e:  # includes NoFeatureExtractorError
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except launch.RUN_ERRORS as e:  # includes evaluation.NoFeatureExtractorError (a ValueError)
+        launch.exit_with_error(e)
     print(sweep.results_markdown(summary))
     print(f"results: {workdir}/sweep_results.json, {workdir}/sweep_results.md\nplot: {summary['plot_png']}")
 
 
 if __name__ == "__main__":
-    for _name, _value in DEFAULTS.items():
-        FLAGS.set_default(_name, _value)
-    for _flag in FLAGS.get_key_flags_for_module(lpc_flags.__name__):
-        FLAGS.register_key_flag_for_module(sys.argv[0], _flag)
-    app.run(main)
+    launch.run(main, **DEFAULTS)

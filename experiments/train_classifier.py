@@ -69,10 +69,11 @@ def main(argv):
     for epoch in range(FLAGS.num_epochs):
         t0 = time.time()
         losses = []
-        order = np.random.default_rng([FLAGS.seed, epoch]).permutation(train.images.shape[0])
-        for i, images in enumerate(data.batches(train.images, FLAGS.batch_size, FLAGS.seed, epoch)):
-            labels = jnp.asarray(train.labels[order[i * FLAGS.batch_size : (i + 1) * FLAGS.batch_size]])
-            params, opt_state, loss = step(params, opt_state, jnp.asarray(images), labels)
+        order = data.epoch_order(train.images.shape[0], FLAGS.seed, epoch)  # the order of data.batches
+        for i in range(steps_per_epoch):
+            idx = order[i * FLAGS.batch_size : (i + 1) * FLAGS.batch_size]
+            images, labels = data.to_float(train.images[idx]), train.labels[idx]
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(images), jnp.asarray(labels))
             losses.append(loss)
         test_acc = classifier.accuracy(params, test.images, test.labels)
         print(f"epoch {epoch + 1}: train loss {float(jnp.mean(jnp.stack(losses))):.4f} "

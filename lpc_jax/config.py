@@ -1,4 +1,9 @@
-"""Run configuration: one frozen dataclass, validated before any work starts."""
+"""Run configuration: one frozen dataclass, validated before any work starts.
+
+Each field carries its help text and the rule :meth:`Config.validate` applies
+(``metadata["help"]``, ``["choices"]``, ``["check"]``/``["need"]``); the
+launchers generate one flag per field from them (``experiments/flags.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,100 +11,154 @@ import dataclasses
 import json
 import math
 import os
+from typing import Any, Callable, Sequence
 
 from lpc_jax import data, likelihoods, objectives
 
 ALGORITHMS = ("lpc", "vae")
+DATA_SOURCES = ("auto", "idx", "tfds")
+
+
+class ConfigError(ValueError):
+    """A config value its field's rule rejects: ``"<field>=<value> is invalid: <need>"``.
+
+    The message leads with the bare field name; a launcher shows it as ``--<field>``.
+    """
+
+    def __init__(self, field: str, value: Any, need: str):
+        super().__init__(f"{field}={value!r} is invalid: {need}")
+        self.field = field
+        self.value = value
+
+
+def _field(default: Any, help: str, *, choices: Sequence[str] | None = None,
+           check: Callable[[Any], bool] | None = None, need: str = "") -> Any:
+    """A Config field: its default, its flag's help text, and the rule ``validate`` applies.
+
+    Args:
+      default: the value when neither a launcher nor a flag sets one.
+      help: one line for ``--help``.
+      choices: the allowed values (the flag becomes an enum).
+      check: ``value -> bool``; False (or a TypeError) rejects the value.
+      need: what ``check`` asks for, quoted in the ConfigError.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": None if choices is None else tuple(choices), "check": check, "need": need})
+
+
+def _finite_positive(v) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+def _finite_nonnegative(v) -> bool:
+    return math.isfinite(v) and v >= 0
+
+
+def _at_least(n: int) -> Callable[[Any], bool]:
+    return lambda v: v >= n
+
+
+def _unit_interval(v) -> bool:
+    return 0.0 <= v < 1.0
+
+
+def _passes(check: Callable[[Any], bool], value: Any) -> bool:
+    """``check(value)``, with a value of the wrong type (TypeError) failing it."""
+    try:
+        return bool(check(value))
+    except TypeError:
+        return False
+
+
+_POSITIVE = "must be a finite number > 0"
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a run needs. Field names match the launchers' flags.
+    """Everything a run needs. Field names are the launchers' flag names.
 
     Defaults are the paper's (Table 3): Adam, lr 1e-3, batch 64, T = 300,
     decay 0.99, Jeffreys warm start, latent 40, discretised Gaussian.
     """
 
-    dataset: str = "fashion_mnist"
-    data_source: str = "auto"  # auto | idx | tfds
-    data_dir: str | None = None
-    max_train_examples: int = 0  # 0 = the whole split
-    algorithm: str = "lpc"  # lpc | vae
-    warm_start: str = "jeffreys"  # none | forward_kl | reverse_kl | jeffreys
-    step_size: float = 0.1  # gamma
-    decay: float = 0.99  # beta
-    eps: float = 1e-8
-    preconditioner: bool = True
-    num_steps: int = 300  # T
-    prior_init_batches: int = 50
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    num_epochs: float = 15.0
-    num_train_steps: int = 0  # > 0 overrides num_epochs
-    latent_dim: int = 40
-    likelihood: str = "discretized_gaussian"
-    obs_scale: float = 0.0  # 0 = learned per channel
-    init_obs_scale: float = 0.1
-    prior_scale: float = 1.0
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 500
-    eval_examples: int = 10000  # test images for the final ELBO; 0 = all
-    fd_every: int = 0  # log an FD estimate (Figure 5B) every N steps; 0 = never
-    fd_samples: int = 2000
+    # Data.
+    dataset: str = _field("fashion_mnist", "Dataset to train on.", choices=sorted(data.DATASETS))
+    data_source: str = _field(
+        "auto", "auto: Fashion-MNIST from Debian's IDX files, the rest from prepared TFDS data.",
+        choices=DATA_SOURCES)
+    data_dir: str | None = _field(
+        None, "IDX directory (idx) or TFDS data_dir (tfds). "
+        "Default: /usr/share/datasets/fashion-mnist, or TFDS's own.")
+    max_train_examples: int = _field(0, "Use only the first N training images (0 = all).", check=_at_least(0),
+                                     need="must be >= 0 (0 means all)")
+    # Objective and chain (paper section 3, eq. 1).
+    algorithm: str = _field("lpc", "lpc (Langevin predictive coding) or vae.", choices=ALGORITHMS)
+    warm_start: str = _field("jeffreys", "Encoder objective for the chain's warm start.",
+                             choices=objectives.WARM_STARTS)
+    step_size: float = _field(0.1, "Langevin step size gamma (> 0).", check=_finite_positive,
+                              need="the Langevin step size must be a finite number > 0")
+    decay: float = _field(0.99, "Preconditioner EMA decay beta, in [0, 1).", check=_unit_interval,
+                          need="the preconditioner decay must lie in [0, 1)")
+    eps: float = _field(1e-8, "Preconditioner epsilon added to sqrt(m_hat).", check=_finite_positive,
+                        need=_POSITIVE)
+    preconditioner: bool = _field(True, "Adam-style diagonal preconditioning of the drift.")
+    num_steps: int = _field(300, "Langevin steps T per SGD step (>= 1).", check=_at_least(1),
+                            need="the chain needs at least 1 Langevin step")
+    prior_init_batches: int = _field(50, "Chains start from the prior for this many batches.",
+                                     check=_at_least(0), need="must be >= 0")
+    # Optimisation.
+    batch_size: int = _field(64, "Images per SGD step.", check=_at_least(1), need="must be >= 1")
+    learning_rate: float = _field(1e-3, "Adam learning rate for theta and phi.", check=_finite_positive,
+                                  need=_POSITIVE)
+    num_epochs: float = _field(15.0, "Training epochs (ignored if num_train_steps > 0).",
+                               check=_finite_nonnegative, need="must be a finite number >= 0")
+    num_train_steps: int = _field(0, "Total SGD steps; 0 = use num_epochs.", check=_at_least(0),
+                                  need="must be >= 0 (0 means use num_epochs)")
+    # Model.
+    latent_dim: int = _field(40, "Latent dimension.", check=_at_least(1), need="must be >= 1")
+    likelihood: str = _field("discretized_gaussian", "Observation model (likelihood of an image given z).",
+                             choices=likelihoods.LIKELIHOODS)
+    obs_scale: float = _field(0.0, "Fixed likelihood scale sigma; 0 learns it per channel.",
+                              check=_finite_nonnegative,
+                              need="must be a finite number > 0, or 0 to learn the scale per channel")
+    init_obs_scale: float = _field(0.1, "Initial value of the learned scale.", check=_finite_positive,
+                                   need=_POSITIVE)
+    prior_scale: float = _field(1.0, "Standard deviation s of the N(0, s^2 I) prior.", check=_finite_positive,
+                                need=_POSITIVE)
+    # Bookkeeping.
+    seed: int = _field(0, "Random seed (parameters, data order, chains).")
+    log_every: int = _field(50, "Log metrics every N steps.", check=_at_least(1), need="must be >= 1")
+    checkpoint_every: int = _field(500, "Checkpoint (and refresh samples.png) every N steps.",
+                                   check=_at_least(1), need="must be >= 1")
+    eval_examples: int = _field(10000, "Test images for the final ELBO (0 = all).", check=_at_least(0),
+                                need="must be >= 0 (0 means all)")
+    fd_every: int = _field(
+        0, "Log an FD estimate (Figure 5B) on generated samples every N steps "
+        "(offline feature extractors: fashion_mnist); 0 = never.",
+        check=_at_least(0), need="must be >= 0 (0 turns the FD monitor off)")
+    fd_samples: int = _field(2000, "Samples for the in-training FD estimate.", check=_at_least(2),
+                             need="needs at least 2 samples for a covariance")
+    eval_samples: int = _field(
+        0, "Prior samples for the final sample-quality metrics in summary.json (fd_fmnist, KID, "
+        "density, coverage against as many test images; offline feature extractors: fashion_mnist); "
+        "0 = skip.", check=lambda v: v == 0 or v >= 2, need="must be 0 (skip) or >= 2")
 
-    def validate(self) -> "Config":
-        """Raises ValueError naming the offending flag; returns self."""
+    def validate(self) -> Config:
+        """Checks every field against its rule; returns self.
 
-        def bad(flag, value, need):
-            raise ValueError(f"--{flag}={value!r} is invalid: {need}")
-
-        if self.dataset not in data.DATASETS:
-            bad("dataset", self.dataset, f"choose one of {sorted(data.DATASETS)}")
-        if self.data_source not in ("auto", "idx", "tfds"):
-            bad("data_source", self.data_source, "choose auto, idx or tfds")
-        if self.algorithm not in ALGORITHMS:
-            bad("algorithm", self.algorithm, f"choose one of {ALGORITHMS}")
-        if self.warm_start not in objectives.WARM_STARTS:
-            bad("warm_start", self.warm_start, f"choose one of {objectives.WARM_STARTS}")
-        if self.likelihood not in likelihoods.LIKELIHOODS:
-            bad("likelihood", self.likelihood, f"choose one of {likelihoods.LIKELIHOODS}")
-        if not (self.step_size > 0 and math.isfinite(self.step_size)):
-            bad("step_size", self.step_size, "the Langevin step size must be a finite number > 0")
-        if not 0.0 <= self.decay < 1.0:
-            bad("decay", self.decay, "the preconditioner decay must lie in [0, 1)")
-        if not self.eps > 0:
-            bad("eps", self.eps, "must be > 0")
-        if self.num_steps < 1:
-            bad("num_steps", self.num_steps, "the chain needs at least 1 Langevin step")
-        if self.batch_size < 1:
-            bad("batch_size", self.batch_size, "must be >= 1")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            bad("learning_rate", self.learning_rate, "must be a finite number > 0")
-        if self.num_train_steps < 0:
-            bad("num_train_steps", self.num_train_steps, "must be >= 0 (0 means use --num_epochs)")
-        if self.num_train_steps == 0 and not (self.num_epochs > 0 and math.isfinite(self.num_epochs)):
-            bad("num_epochs", self.num_epochs, "must be a finite number > 0 when --num_train_steps is 0")
-        if self.latent_dim < 1:
-            bad("latent_dim", self.latent_dim, "must be >= 1")
-        if self.obs_scale < 0:
-            bad("obs_scale", self.obs_scale, "must be > 0, or 0 to learn the scale per channel")
-        if not self.init_obs_scale > 0:
-            bad("init_obs_scale", self.init_obs_scale, "must be > 0")
-        if not self.prior_scale > 0:
-            bad("prior_scale", self.prior_scale, "must be > 0")
-        if self.prior_init_batches < 0:
-            bad("prior_init_batches", self.prior_init_batches, "must be >= 0")
-        if self.fd_every < 0:
-            bad("fd_every", self.fd_every, "must be >= 0 (0 turns the FD monitor off)")
-        if self.fd_samples < 2:
-            bad("fd_samples", self.fd_samples, "needs at least 2 samples for a covariance")
-        for flag in ("log_every", "checkpoint_every"):
-            if getattr(self, flag) < 1:
-                bad(flag, getattr(self, flag), "must be >= 1")
-        for flag in ("max_train_examples", "eval_examples"):
-            if getattr(self, flag) < 0:
-                bad(flag, getattr(self, flag), "must be >= 0 (0 means all)")
+        Raises:
+          ConfigError: (a ValueError) naming the first offending field, e.g.
+            ``step_size=-1.0 is invalid: the Langevin step size must be a finite number > 0``.
+        """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices, check = f.metadata["choices"], f.metadata["check"]
+            if choices is not None and value not in choices:
+                raise ConfigError(f.name, value, f"choose one of {list(choices)}")
+            if check is not None and not _passes(check, value):
+                raise ConfigError(f.name, value, f.metadata["need"])
+        if self.num_train_steps == 0 and self.num_epochs == 0:
+            raise ConfigError("num_epochs", self.num_epochs, "must be > 0 when num_train_steps is 0")
         return self
 
     def to_json(self) -> str:

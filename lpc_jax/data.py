@@ -194,12 +194,23 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) * (2.0 / 255.0) - 1.0
 
 
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffle of epoch ``epoch``: a permutation of ``range(num_examples)``, (N,) int64.
+
+    It depends only on ``(seed, epoch)``, so a resumed run sees the same batches as
+    an uninterrupted one. Batch ``i`` of the epoch is ``order[i * B : (i + 1) * B]``
+    (full batches only), in :func:`batches`, :func:`step_batches` and any loop that
+    also needs the labels.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
 def step_batches(images: np.ndarray, batch_size: int, seed: int, start_step: int,
                  num_steps: int) -> Iterator[tuple[int, np.ndarray]]:
     """Yields ``(step, batch)`` for SGD steps ``start_step .. num_steps - 1``.
 
     Step ``s`` gets batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``
-    in :func:`batches`' order, so a run resumed at ``start_step`` sees exactly the
+    in :func:`epoch_order`, so a run resumed at ``start_step`` sees exactly the
     batches an uninterrupted run would. Only the batches yielded are converted.
     """
     steps_per_epoch = images.shape[0] // batch_size
@@ -208,16 +219,15 @@ def step_batches(images: np.ndarray, batch_size: int, seed: int, start_step: int
     for step in range(start_step, num_steps):
         epoch, index = divmod(step, steps_per_epoch)
         if step == start_step or index == 0:
-            order = np.random.default_rng([seed, epoch]).permutation(images.shape[0])
+            order = epoch_order(images.shape[0], seed, epoch)
         yield step, to_float(images[order[index * batch_size : (index + 1) * batch_size]])
 
 
 def batches(images: np.ndarray, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:
-    """Yields shuffled full batches of one epoch as float32 in [-1, 1].
+    """Yields the shuffled full batches of one epoch (:func:`epoch_order`) as float32 in [-1, 1].
 
-    The order depends only on ``(seed, epoch)``, so a resumed run sees the same
-    batches as an uninterrupted one. The last partial batch is dropped.
+    The last partial batch is dropped.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(images.shape[0])
+    order = epoch_order(images.shape[0], seed, epoch)
     for i in range(images.shape[0] // batch_size):
         yield to_float(images[order[i * batch_size : (i + 1) * batch_size]])

@@ -22,6 +22,17 @@ Blackjax-style API::
 ``log_prob_fn(z, *args) -> (B,)`` is any differentiable batched log density;
 each row of ``z`` (B, D) is an independent chain. ``hparams`` holds traced
 arrays, so one compiled program serves (and ``vmap`` sweeps) every value.
+
+With ``with_param_grad=True`` the log density also takes leading parameters,
+``log_prob_fn(params, z, *args) -> (B,)``, and the kernel returns their
+gradient from the same VJP that gives the drift (no second backward pass)::
+
+    kernel = langevin.build_kernel(log_joint_fn, with_param_grad=True)
+    state, info, grad_params = kernel(rng_key, state, hparams, params, *args)
+
+``grad_params`` is the gradient of sum_b log p(z_b; params) w.r.t. ``params``
+at the latents the drift was taken at (before the move); the LPC train step
+sums it over the chain (eq. 8).
 """
 
 from __future__ import annotations
@@ -54,13 +65,11 @@ class LangevinHParams(NamedTuple):
 
 
 def hparams(step_size: float, decay: float = 0.99, eps: float = 1e-8) -> LangevinHParams:
-    """Builds float32 ``LangevinHParams``; raises ValueError on invalid values."""
-    if not step_size > 0:
-        raise ValueError(f"step_size must be > 0, got {step_size}")
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"decay must lie in [0, 1), got {decay}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    """Builds float32 ``LangevinHParams``, each of shape ().
+
+    Values are not checked here (they may be traced); ``Config.validate`` in
+    :mod:`lpc_jax.config` is where step size, decay and eps are checked.
+    """
     f = lambda v: jnp.asarray(v, jnp.float32)
     return LangevinHParams(f(step_size), f(decay), f(eps))
 
@@ -70,12 +79,12 @@ def init(z: Array) -> LangevinState:
     return LangevinState(z, preconditioner.init(z), jnp.zeros((), jnp.int32))
 
 
-def update(rng_key: Array, state: LangevinState, drift: Array, hparams: LangevinHParams,
-           precondition: bool, noise: bool = True, metric: Array | None = None) -> LangevinState:
-    """The Langevin transition given the drift at ``state.z``.
+def update(rng_key: Array, state: LangevinState, drift: Array, hparams: LangevinHParams, *,
+           precondition: bool = True, noise: bool = True, metric: Array | None = None) -> LangevinState:
+    """The Langevin transition given the drift at ``state.z`` (eqs. 18-19).
 
-    Split from the kernel so a caller that already has the drift (the LPC train
-    step gets it from the same VJP as the decoder gradient) reuses it.
+    The kernels of :func:`build_kernel` are this update after one VJP; a caller
+    that already has the drift may call it directly.
 
     Args:
       rng_key: PRNG key for the noise eta.
@@ -90,12 +99,7 @@ def update(rng_key: Array, state: LangevinState, drift: Array, hparams: Langevin
     Returns:
       The next ``LangevinState``.
     """
-    if metric is not None:
-        m, metric = state.m, jnp.broadcast_to(metric, drift.shape)
-    elif precondition:
-        m, metric = preconditioner.update(state.m, drift, state.count, hparams.decay, hparams.eps)
-    else:
-        m, metric = state.m, jnp.ones_like(drift)
+    m, metric = diagonal_metric(state, drift, hparams, precondition=precondition, metric=metric)
     z = state.z + hparams.step_size * metric * drift
     if noise:
         eta = jax.random.normal(rng_key, drift.shape, drift.dtype)
@@ -103,26 +107,33 @@ def update(rng_key: Array, state: LangevinState, drift: Array, hparams: Langevin
     return LangevinState(z, m, state.count + 1)
 
 
-def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True,
-                 noise: bool = True, metric: Array | None = None) -> Callable:
-    """Returns ``kernel(rng_key, state, hparams, *args) -> (state, info)``.
+def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, noise: bool = True,
+                 metric: Array | None = None, *, with_param_grad: bool = False) -> Callable:
+    """Returns the Langevin kernel for ``log_prob_fn``.
 
     Args:
-      log_prob_fn: ``log_prob_fn(z, *args) -> (B,)``, differentiable in ``z`` (B, D).
+      log_prob_fn: ``log_prob_fn(z, *args) -> (B,)``, differentiable in ``z``
+        (B, D); with ``with_param_grad``, ``log_prob_fn(params, z, *args) -> (B,)``,
+        differentiable in ``params`` (any pytree) and ``z``.
       precondition: static; Adam-style diagonal metric (section 1.3) or G = 1.
       noise: static; set False for plain (preconditioned) gradient ascent.
       metric: optional fixed diagonal metric G (see :func:`update`).
+      with_param_grad: static; the kernel also returns the gradient w.r.t. ``params``.
+
+    Returns:
+      ``kernel(rng_key, state, hparams, *args) -> (state, info)``, or with
+      ``with_param_grad``, ``kernel(rng_key, state, hparams, params, *args) ->
+      (state, info, grad_params)`` where ``grad_params`` (same tree as
+      ``params``) is the gradient of sum_b log p(z_b; params) at the pre-move
+      ``state.z``, from the same VJP as the drift.
     """
 
-    def kernel(rng_key, state: LangevinState, hparams: LangevinHParams, *args):
-        # Chains are independent rows, so one VJP with a ones cotangent gives
-        # every chain's drift and its log density from a single forward pass.
-        log_prob, vjp_fn = jax.vjp(lambda z: log_prob_fn(z, *args), state.z)
-        (drift,) = vjp_fn(jnp.ones_like(log_prob))
-        new_state = update(rng_key, state, drift, hparams, precondition, noise, metric)
+    def transition(rng_key, state, hparams, log_prob, drift, log_prob_at):
+        del log_prob_at  # ULA needs the density only where the drift was taken
+        new_state = update(rng_key, state, drift, hparams, precondition=precondition, noise=noise, metric=metric)
         return new_state, LangevinInfo(log_prob, jnp.linalg.norm(drift, axis=-1))
 
-    return kernel
+    return kernel_from_transition(transition, log_prob_fn, with_param_grad=with_param_grad)
 
 
 def sample_chain(rng_key: Array, kernel: Callable, state: LangevinState, hparams: LangevinHParams,
@@ -131,7 +142,7 @@ def sample_chain(rng_key: Array, kernel: Callable, state: LangevinState, hparams
 
     Args:
       rng_key: PRNG key, split into one key per step.
-      kernel: from :func:`build_kernel`.
+      kernel: from :func:`build_kernel` (without ``with_param_grad``).
       state: initial state.
       hparams: step size, decay, eps.
       num_steps: static chain length T.
@@ -153,3 +164,73 @@ def sample_chain(rng_key: Array, kernel: Callable, state: LangevinState, hparams
     if return_trace:
         return state, out[0], out[1]
     return state, out
+
+
+def diagonal_metric(state: LangevinState, drift: Array, hparams: LangevinHParams, *,
+                    precondition: bool = True, metric: Array | None = None) -> tuple[Array, Array]:
+    """The diagonal metric G of one step, and the updated second-moment estimate.
+
+    Shared by every sampler built on this module (:func:`update`,
+    :mod:`lpc_jax.mala`, :mod:`lpc_jax.underdamped`), so that all of them
+    precondition alike.
+
+    Args:
+      state: any chain state with fields ``m`` (B, D) and ``count`` () int32.
+      drift: (B, D) grad_z log p at ``state.z``.
+      hparams: any hparams with fields ``decay`` and ``eps``.
+      precondition: static; the Adam-style metric of :mod:`lpc_jax.preconditioner`, else G = 1.
+      metric: optional fixed G, broadcastable to (B, D); it wins over ``precondition``.
+
+    Returns:
+      ``(m, G)``, each (B, D): ``m`` advanced by one EMA step when the adaptive
+      preconditioner is on (else ``state.m`` unchanged), and G in latent units^2
+      per unit drift.
+    """
+    if metric is not None:
+        return state.m, jnp.broadcast_to(metric, drift.shape)
+    if precondition:
+        return preconditioner.update(state.m, drift, state.count, hparams.decay, hparams.eps)
+    return state.m, jnp.ones_like(drift)
+
+
+
+def kernel_from_transition(transition: Callable, log_prob_fn: Callable[..., Array], *,
+                           with_param_grad: bool = False) -> Callable:
+    """A kernel that takes ONE VJP at ``state.z`` and hands its results to ``transition``.
+
+    The common body of every sampler here (ULA, :mod:`lpc_jax.mala`,
+    :mod:`lpc_jax.underdamped`): chains are independent rows, so one VJP with a
+    ones cotangent gives every chain's drift, its log density and the
+    chain-summed params gradient from a single forward and backward pass.
+
+    Args:
+      transition: ``transition(rng_key, state, hparams, log_prob, drift,
+        log_prob_at) -> (state, info)``, with ``log_prob`` (B,) and ``drift``
+        (B, D) at ``state.z``, and ``log_prob_at(z) -> (B,)`` the log density
+        under the same params and args (for a sampler that needs it elsewhere,
+        e.g. at a proposal).
+      log_prob_fn: as in :func:`build_kernel`.
+      with_param_grad: static; as in :func:`build_kernel`.
+
+    Returns:
+      ``kernel(rng_key, state, hparams, *args) -> (state, info)``, or with
+      ``with_param_grad``, ``kernel(rng_key, state, hparams, params, *args) ->
+      (state, info, grad_params)``, ``grad_params`` taken at the pre-move ``state.z``.
+    """
+    log_prob_of = log_prob_fn if with_param_grad else (lambda params, z, *args: log_prob_fn(z, *args))
+
+    def param_grad_kernel(rng_key, state, hparams, params, *args):
+        log_prob, vjp_fn = jax.vjp(lambda p, z: log_prob_of(p, z, *args), params, state.z)
+        grad_params, drift = vjp_fn(jnp.ones_like(log_prob))
+        new_state, info = transition(rng_key, state, hparams, log_prob, drift,
+                                     lambda z: log_prob_of(params, z, *args))
+        return new_state, info, grad_params
+
+    if with_param_grad:
+        return param_grad_kernel
+
+    def kernel(rng_key, state, hparams, *args):
+        new_state, info, _ = param_grad_kernel(rng_key, state, hparams, (), *args)
+        return new_state, info
+
+    return kernel

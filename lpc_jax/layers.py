@@ -43,7 +43,9 @@ in loops), with the large operand always the convolution's lhs:
 * a transposed conv's input gradient is the plain strided conv of the cotangent
   with the flipped, in/out-swapped kernel (PyTorch's Conv2d / ConvTranspose2d
   duality);
-* a kernel gradient is one conv with the batch as the contracted feature axis:
+* a kernel gradient with at least ``_TAP_MATMUL_MIN_CHANNELS`` lhs channels is one
+  matmul per kernel tap, contracting (batch x output pixels); otherwise it is
+  one conv with the batch as the contracted feature axis:
   the larger operand (input for Conv, cotangent for ConvTranspose)
   space-to-depth'ed by the stride (so the window is undilated) and laid out
   (C * s * s, H / s, W / s, batch), the other laid out (H, W, batch, C') as the
@@ -99,6 +101,7 @@ Array = jax.Array
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _SUBPIXEL_MAX_CHANNELS = 16  # one combined conv when s * s * out <= this, else one conv per phase
+_TAP_MATMUL_MIN_CHANNELS = 16  # kernel gradient as one matmul per tap from this many lhs channels
 
 
 # --------------------------------------------------------------------------- helpers
@@ -190,12 +193,22 @@ def _conv_transpose(x: Array, w: Array, s: int, p: int, extra: tuple[int, int] =
 def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
     """``D[i, j] = sum_{n, u, v} a[n, s*u + i, s*v + j, :]^T g[n, u, v, :]`` for i, j < k.
 
-    One canonical forward conv with the batch as the contracted feature axis:
-    ``a`` space-to-depth'ed by ``s`` and laid out (C_a * s * s, H / s, W / s, N),
-    ``g`` laid out (U, V, N, C_g) as the kernel. Returns (k, k, C_a, C_g).
+    With ``C_a >= _TAP_MATMUL_MIN_CHANNELS``: one matmul per tap (i, j), the strided
+    slice of ``a`` as (N U V, C_a) against ``g`` as (N U V, C_g), contracting the long
+    axis. Otherwise one canonical forward conv with the batch as the contracted
+    feature axis: ``a`` space-to-depth'ed by ``s`` and laid out
+    (C_a * s * s, H / s, W / s, N), ``g`` laid out (U, V, N, C_g) as the kernel.
+    Returns (k, k, C_a, C_g).
     """
     n, ha, wa, ca = a.shape
     _, u, v, cg = g.shape
+    if ca >= _TAP_MATMUL_MIN_CHANNELS:
+        a = _pad_hw(a, (0, max(0, s * (u - 1) + k - ha)), (0, max(0, s * (v - 1) + k - wa)))
+        g2 = g.reshape(n * u * v, cg)
+        taps = [lax.slice(a, (0, i, j, 0), (n, i + s * (u - 1) + 1, j + s * (v - 1) + 1, ca), (1, s, s, 1))
+                for i in range(k) for j in range(k)]
+        dots = [lax.dot_general(t.reshape(n * u * v, ca), g2, (((0,), (0,)), ((), ()))) for t in taps]
+        return jnp.stack(dots).reshape(k, k, ca, cg)
     kk = -(-k // s)
     hs, ws = u - 1 + kk, v - 1 + kk
     a = _pad_hw(a, (0, s * hs - ha), (0, s * ws - wa))

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lpc_jax import layers, likelihoods
 
@@ -163,3 +164,40 @@ def decode_mean(decoder: Decoder, params, z: Array, likelihood: str = "discretiz
     if likelihood == "bernoulli":
         return 2.0 * jax.nn.sigmoid(out) - 1.0
     return jnp.clip(out, -1.0, 1.0)
+
+
+def sample_prior(decoder: Decoder, decoder_params, rng_key: Array, num_samples: int, *, latent_dim: int,
+                 prior_scale: float = 1.0, likelihood: str = "discretized_gaussian",
+                 batch_size: int = 500) -> np.ndarray:
+    """Decoder means of z ~ N(0, prior_scale^2 I), in batches of one shape.
+
+    Batch ``i`` decodes ``z = prior_scale * normal(fold_in(rng_key, i), (B, latent_dim))``
+    with ``B = min(batch_size, num_samples)``; every batch has that shape (one
+    compilation) and the surplus of the last one is dropped, so the result
+    depends on ``batch_size``.
+
+    Args:
+      decoder: the generative network.
+      decoder_params: its params (``state.params['decoder']``).
+      rng_key: PRNG key of the latents.
+      num_samples: N >= 0.
+      latent_dim: D.
+      prior_scale: standard deviation of the prior.
+      likelihood: one of ``likelihoods.LIKELIHOODS`` (see :func:`decode_mean`).
+      batch_size: latents decoded per call, >= 1.
+
+    Returns:
+      (N, H, W, C) float32 in [-1, 1] (Bernoulli: 2 sigmoid(logits) - 1).
+    """
+    if num_samples < 0 or batch_size < 1:
+        raise ValueError(f"need num_samples >= 0 and batch_size >= 1; got {num_samples}, {batch_size}")
+    batch_size = min(batch_size, max(num_samples, 1))
+    outs = []
+    for i in range(-(-num_samples // batch_size)):
+        z = prior_scale * jax.random.normal(jax.random.fold_in(rng_key, i), (batch_size, latent_dim))
+        outs.append(np.asarray(decode_mean(decoder, decoder_params, z, likelihood)))
+    if not outs:
+        z = jax.ShapeDtypeStruct((1, latent_dim), jnp.float32)
+        shape = jax.eval_shape(lambda z: decode_mean(decoder, decoder_params, z, likelihood), z).shape
+        return np.zeros((0, *shape[1:]), np.float32)
+    return np.concatenate(outs)[:num_samples].astype(np.float32, copy=False)

@@ -1,4 +1,7 @@
-"""PNG figures: image grids and training curves (matplotlib, Agg backend)."""
+"""PNG figures: image grids, training curves and sweep plots (matplotlib, Agg backend).
+
+Every figure is written by :func:`save_figure`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from lpc_jax import data  # noqa: E402
+
+
+def save_figure(fig, path: str, dpi: float | str = "figure") -> str:
+    """Writes ``fig`` to ``path`` (PNG; parent directories created), closes it, returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -38,10 +51,7 @@ def save_image_grid(images: np.ndarray, path: str, ncols: int | None = None, tit
     ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -79,7 +89,150 @@ def plot_curves(rows: list[dict], path: str, keys: tuple[str, ...] | None = None
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
+
+
+def save_samples_png(generated: np.ndarray, real: np.ndarray, path: str, title: str | None = None,
+                     num: int = 64, ncols: int = 8) -> str:
+    """One PNG: ``num`` generated images (left) beside ``num`` real test images (right).
+
+    Images are (N, H, W, C), float32 in [-1, 1] or uint8.
+    """
+
+    def as_float(x):
+        x = np.asarray(x)[:num]
+        return data.to_float(x) if x.dtype == np.uint8 else x
+
+    grids = [image_grid(as_float(x), ncols) for x in (generated, real)]
+    gray = grids[0].shape[-1] == 1
+    h, w = grids[0].shape[:2]
+    fig, axes = plt.subplots(1, 2, figsize=(2 * w * 3 / 100 + 0.3, h * 3 / 100 + 0.6), dpi=100)
+    for ax, grid, name in zip(axes, grids, ("generated (z ~ prior)", "real (test set)")):
+        ax.imshow(grid[..., 0] if gray else grid, cmap="gray" if gray else None,
+                  interpolation="nearest", vmin=0, vmax=255)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_sweep(results: list[dict], metric: str, path: str, title: str | None = None) -> str:
+    """``metric`` against step size (log x), one line per decay (and seed); writes a PNG.
+
+    ``results`` are a sweep's member rows (``step_size``, ``decay``, ``seed`` and
+    ``metric``); a member whose metric is missing or not finite (diverged) is
+    marked by a red band at its step size.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    lines: dict[str, list] = {}
+    multi_seed = len({r["seed"] for r in results}) > 1
+    for r in results:
+        label = f"decay {r['decay']}" + (f", seed {r['seed']}" if multi_seed else "")
+        lines.setdefault(label, []).append((r["step_size"], r.get(metric)))
+    for label, pts in lines.items():
+        pts = sorted(pts, key=lambda p: p[0])
+        xs = [p[0] for p in pts]
+        ys = [np.nan if p[1] is None else p[1] for p in pts]
+        ax.plot(xs, ys, marker="o", label=label)
+        for x_, y_ in zip(xs, ys):
+            if not np.isfinite(y_):
+                ax.axvline(x_, color="red", alpha=0.15, lw=4)  # diverged
+    ax.set_xscale("log")
+    ax.set_xlabel("Langevin step size")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+# --------------------------------------------------------------------------- #
+# Figures of docs/results.md (the paper's Figs. 2, 4 and 5 on Fashion-MNIST)
+# --------------------------------------------------------------------------- #
+
+
+def plot_metric_curves(runs: dict[str, list[dict]], path: str, metric: str = "fd_fmnist",
+                       title: str | None = None) -> str:
+    """The paper's Fig. 5B: ``metric`` against SGD steps (left) and training seconds (right).
+
+    Args:
+      runs: label -> rows of a run's ``metrics.jsonl`` (rows without ``metric`` are skipped).
+      path: PNG to write.
+      metric: row key on the y axis (log scale), e.g. ``fd_fmnist``.
+      title: optional figure title.
+
+    Raises:
+      ValueError: no run has a row with ``metric``.
+    """
+    curves = {label: [r for r in rows if metric in r] for label, rows in runs.items()}
+    if not any(curves.values()):
+        raise ValueError(f"no run logged {metric!r}; train with fd_every > 0")
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=True)
+    for label, rows in curves.items():
+        for ax, x_key in zip(axes, ("step", "wall_s")):
+            ax.plot([r[x_key] for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=label)
+    axes[0].set_xlabel("SGD steps")
+    axes[1].set_xlabel("training wall-clock (s)")
+    axes[0].set_ylabel(metric)
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_sweep_heatmap(members: list[dict], metric: str, path: str, title: str | None = None) -> str:
+    """The paper's Fig. 4: final ``metric`` over step size (columns) x preconditioning (rows).
+
+    Args:
+      members: the ``members`` list of a sweep's ``sweep_results.json``; each has
+        ``step_size``, ``decay`` (a float or ``"off"``), ``diverged_at_step`` and ``metric``.
+      path: PNG to write.
+      metric: member key shown in the cells (lower is drawn darker-is-better for FD).
+      title: optional title.
+
+    Diverged members (or a missing value) are drawn as a hatched cell marked "diverged".
+    """
+    step_sizes = sorted({m["step_size"] for m in members})
+    rows = sorted({str(m["decay"]) for m in members}, key=lambda d: (d != "off", float(d) if d != "off" else 0))
+    grid = np.full((len(rows), len(step_sizes)), np.nan)
+    for m in members:
+        value = m.get(metric)
+        if m.get("diverged_at_step") is None and value is not None:
+            grid[rows.index(str(m["decay"])), step_sizes.index(m["step_size"])] = value
+    fig, ax = plt.subplots(figsize=(1.1 * len(step_sizes) + 2.2, 0.7 * len(rows) + 1.6))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r", aspect="auto")
+    for i, j in np.ndindex(grid.shape):
+        text = "diverged" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0f}"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                color="crimson" if np.isnan(grid[i, j]) else "white")
+    ax.set_xticks(range(len(step_sizes)), [f"{s:g}" for s in step_sizes])
+    ax.set_yticks(range(len(rows)), ["no preconditioning" if d == "off" else f"decay {d}" for d in rows])
+    ax.set_xlabel("Langevin step size")
+    fig.colorbar(image, ax=ax, label=metric)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_bars(values: dict[str, tuple[float, float]], path: str, ylabel: str, title: str | None = None) -> str:
+    """Bar chart of ``label -> (mean, sd)`` (the paper's Fig. 2 layout); sd drawn as error bars."""
+    labels = list(values)
+    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 1.5, 3.2))
+    ax.bar(labels, [values[k][0] for k in labels], yerr=[values[k][1] for k in labels], capsize=4,
+           color="tab:blue", alpha=0.8)
+    for i, k in enumerate(labels):
+        ax.text(i, values[k][0], f"{values[k][0]:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)

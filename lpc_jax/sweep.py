@@ -13,19 +13,19 @@ are traced arrays (``LangevinHParams``).
 
 Identity with separate runs
 ---------------------------
-Member ``k`` with seed ``s`` derives its keys exactly as ``train.train_and_evaluate``
-does for ``--seed=s``: ``init_key, step_key, sample_key, eval_key =
-split(key(s), 4)``, state ``jax.jit(create_train_state)(init_key, ...)`` (as
-train.py builds it) and step rng ``fold_in(step_key, step)``. The batches are
-``data.batches(images, batch_size, config.seed, epoch)``, as in train.py. So a
-member whose seed is ``config.seed`` (the default for every member) trains the
-same parameters, to float32 rounding, as ``train_and_evaluate(config with its
-step_size/decay)``: the per-member math is the same function, only mapped.
-Members with other seeds (``seeds=``) still equal a loop of the jitted single
-step with their keys, but see ``config.seed``'s batch order. What differs from
-a separate run: a member whose step produces NaN/Inf is recorded as diverged
-(``diverged_at_step``) and its results are reported as null; a separate run
-would stop with ``DivergenceError``. A sweep neither checkpoints nor resumes.
+:func:`run_sweep` trains its members in the same loop as
+``train.train_and_evaluate`` (:class:`lpc_jax.loop.Trainer`): member ``k`` with
+seed ``s`` has the keys ``loop.run_keys(s)``, starts from ``loop.init_state``
+and at step ``i`` gets ``fold_in(step_key, i)`` and the batch
+``data.step_batches(images, batch_size, config.seed, ...)`` yields for step ``i``.
+So a member whose seed is ``config.seed`` (the default for every member) trains
+the same parameters as ``train_and_evaluate(config with its step_size/decay)``:
+the per-member math is the same function, only mapped. Members with other seeds
+(``seeds=``) still equal a loop of the jitted single step with their keys, but
+see ``config.seed``'s batch order. A sweep checkpoints its stacked states and
+resumes like a single run. What differs from a separate run: a member whose
+step produces NaN/Inf is recorded as diverged (``diverged_at_step``) and its
+results are reported as null; a separate run would stop with ``DivergenceError``.
 
 Preconditioning on/off is static (a different program). ``decays`` may contain
 ``"off"``: those members run without the preconditioner (G = 1; the decay is
@@ -36,17 +36,14 @@ vmap or lax.map
 ---------------
 ``mode="vmap"`` batches the members: every convolution of the decoder and
 encoder becomes a grouped convolution over the member axis
-(``feature_group_count``/``batch_group_count``, 60 of them in the K = 8
-Fashion-MNIST program), which XLA:CPU runs far slower than K separate
-convolutions. ``mode="map"`` (the default) runs the members one after another
-inside the same program (``lax.map``): each member runs exactly the single-run
-computation (results bitwise equal to separate runs in the tests), one dispatch
-per SGD step for all members, cost K single steps. ``python -m benchmarks.chain
---quick`` on the project's 2-core CPU (K = 8, T = 10; ``sweep_speedup_K8`` =
-time of 8 sequential single steps / one sweep step): vmap 0.30-0.38, map
-0.96 (about 1 within noise). On one CPU a batch of 64 already keeps both
-cores busy, so there is nothing for batching members to win; vmap may pay off
-on an accelerator.
+(``feature_group_count``/``batch_group_count``), which XLA:CPU runs far slower
+than K separate convolutions. ``mode="map"`` (the default) runs the members one
+after another inside the same program (``lax.map``): each member runs exactly
+the single-run computation (results bitwise equal to separate runs in the
+tests), one dispatch per SGD step for all members, cost K single steps. On one
+CPU a batch of 64 already keeps the cores busy, so there is nothing for
+batching members to win; vmap may pay off on an accelerator. Measured speeds:
+``python -m benchmarks.chain`` and ``benchmarks/RESULTS.md``.
 
 Library code only: no flags; the command line is ``python -m experiments.sweep``.
 """
@@ -57,8 +54,8 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import os
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -66,8 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lpc_jax import data, langevin
-from lpc_jax import train as train_lib
+from lpc_jax import evaluation, langevin, loop, plotting
+from lpc_jax import config as config_lib
 from lpc_jax import train_step as ts
 from lpc_jax.config import Config
 
@@ -94,39 +91,26 @@ _TRAIN_METRICS = ("elbo", "log_p_end", "log_p_chain", "log_p_start", "forward_kl
 # --------------------------------------------------------------------------- #
 
 
-def seed_keys(seed: int) -> tuple[Array, Array, Array, Array]:
-    """``(init_key, step_key, sample_key, eval_key)`` of a run with ``seed``, as train.py."""
-    init_key, step_key, sample_key, eval_key = jax.random.split(jax.random.key(seed), 4)
-    return init_key, step_key, sample_key, eval_key
-
-
 def stack_trees(trees: Sequence[Any]) -> Any:
     """Stacks K pytrees of the same structure along a new leading member axis."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def member(tree: Any, k: int) -> Any:
-    """Member ``k`` of a stacked pytree."""
-    return jax.tree.map(lambda a: a[k], tree)
-
-
-# train.py builds its state with exactly this jitted call; a sweep must match it.
-_create_train_state = jax.jit(ts.create_train_state, static_argnums=(1, 2, 3))
+member = loop.member_tree  # member(tree, k): member k of a stacked pytree
 
 
 def init_sweep(rng_keys: Array, model: ts.Model, image_shape, latent_dim: int) -> ts.TrainState:
     """Stacked ``TrainState`` (leading axis K) from K init keys, shape (K,).
 
-    Each member is ``jax.jit(create_train_state)(rng_keys[k], ...)``, exactly as
-    ``train.train_and_evaluate`` builds its state, then stacked.
+    Member ``k`` is ``loop.init_state(rng_keys[k], ...)``, the state a single
+    run with that init key starts from.
     """
-    image_shape = tuple(int(d) for d in image_shape)
-    return stack_trees([_create_train_state(k, model, image_shape, int(latent_dim)) for k in rng_keys])
+    return stack_trees([loop.init_state(k, model, image_shape, latent_dim) for k in rng_keys])
 
 
 def stack_hparams(step_sizes: Sequence[float], decays: Sequence[float],
                   eps: float = 1e-8) -> langevin.LangevinHParams:
-    """``LangevinHParams`` with (K,) float32 fields; each member validated by ``langevin.hparams``."""
+    """``LangevinHParams`` with (K,) float32 fields, member k from ``langevin.hparams``."""
     if len(step_sizes) != len(decays):
         raise ValueError(f"need one decay per step size; got {len(step_sizes)} and {len(decays)}")
     hps = [langevin.hparams(s, d, eps) for s, d in zip(step_sizes, decays)]
@@ -176,43 +160,9 @@ def jit_sweep_step(config: Config, model: ts.Model, precondition: bool | None = 
     return jax.jit(make_sweep_step(config, model, precondition=precondition, mode=mode), donate_argnums=0)
 
 
-@jax.jit
-def _fold_in_all(keys: Array, step) -> Array:
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-
-
-@jax.jit
-def _members_finite(tree) -> Array:
-    """(K,) bool: every leaf of member k is finite."""
-    return jnp.stack([jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-                      for leaf in jax.tree.leaves(tree)]).all(axis=0)
-
-
-@functools.lru_cache(maxsize=16)
-def _elbo_fn(model: ts.Model) -> Callable:
-    return jax.jit(jax.vmap(lambda p, x, k: ts.elbo_estimate(p, x, k, model=model), in_axes=(0, None, 0)))
-
-
-def _test_elbo(params, model: ts.Model, images: np.ndarray, eval_keys: Array,
-               batch_size: int = 500) -> np.ndarray:
-    """Per-member mean test ELBO (K,), the same estimate as ``train.evaluate_elbo``."""
-    fn = _elbo_fn(model)
-    totals = np.zeros(eval_keys.shape[0], np.float64)
-    count = 0
-    for i in range(0, images.shape[0], batch_size):
-        x = data.to_float(images[i: i + batch_size])
-        totals += np.asarray(jnp.sum(fn(params, x, _fold_in_all(eval_keys, i)), axis=1), np.float64)
-        count += x.shape[0]
-    return totals / count
-
-
 # --------------------------------------------------------------------------- #
-# The sweep loop
+# The sweep
 # --------------------------------------------------------------------------- #
-
-
-def _decay_label(decay) -> str:
-    return OFF if decay == OFF else f"{decay:g}"
 
 
 def _clean(v):
@@ -227,33 +177,111 @@ def resolve_members(config: Config, step_sizes: Sequence[float], decays: Sequenc
                     seeds: Sequence[int] | None = None) -> list[dict]:
     """The sweep grid, decay-major: ``[{step_size, decay, precondition, seed}, ...]``.
 
-    Raises ValueError (naming the flag) on an empty list, a duplicate, a step
-    size that is not a finite number > 0, or a decay outside [0, 1) other than "off".
+    Each member's values are checked by ``Config.validate`` on ``config`` with
+    its ``step_size``, ``decay`` and ``preconditioner``.
+
+    Raises:
+      ValueError: an empty list or a duplicate (naming the list), an entry that is
+        not a number (or ``"off"`` in ``decays``), a decay other than "off" while
+        ``config.preconditioner`` is False, or a value ``Config.validate`` rejects.
     """
     step_sizes = list(step_sizes)
     if decays is None:
         decays = [config.decay] if config.preconditioner else [OFF]
     decays = [OFF if isinstance(d, str) and d.strip().lower() == OFF else d for d in decays]
     seeds = [config.seed] if seeds is None else [int(s) for s in seeds]
-    for flag, values in (("step_sizes", step_sizes), ("decays", decays), ("seeds", seeds)):
+    for name, values in (("step_sizes", step_sizes), ("decays", decays), ("seeds", seeds)):
         if not values:
-            raise ValueError(f"--{flag} is empty: give at least one value")
+            raise ValueError(f"{name} is empty: give at least one value")
         if len(set(values)) != len(values):
-            raise ValueError(f"--{flag}={','.join(map(str, values))} has a duplicate value")
-    for s in step_sizes:
-        if isinstance(s, str) or not (math.isfinite(float(s)) and float(s) > 0):
-            raise ValueError(f"--step_sizes: {s!r} is invalid: each Langevin step size must be a finite number > 0")
-    for d in decays:
-        if d == OFF:
+            raise ValueError(f"{name}={','.join(map(str, values))} has a duplicate value")
+        bad = [v for v in values if v != OFF and (isinstance(v, bool) or not isinstance(v, numbers.Real))]
+        if bad:
+            raise ValueError(f"{name}: {bad[0]!r} is invalid: each entry must be a number"
+                             + (" or 'off' (no preconditioner)" if name == "decays" else ""))
+    if not config.preconditioner and any(d != OFF for d in decays):
+        raise ValueError(f"decays: {next(d for d in decays if d != OFF)!r} needs the preconditioner, but "
+                         "preconditioner=False; use decays=off, or turn the preconditioner on")
+    members = [{"step_size": float(s), "decay": d if d == OFF else float(d), "precondition": d != OFF,
+                "seed": seed} for d in decays for s in step_sizes for seed in seeds]
+    for m in members:
+        dataclasses.replace(config, step_size=m["step_size"], preconditioner=m["precondition"], seed=m["seed"],
+                            decay=config.decay if m["decay"] == OFF else m["decay"]).validate()
+    return members
+
+
+def _fd_monitor(config: Config, metric: str, fd_samples: int):
+    """The FD monitor a sweep needs (built before any data loads: a dataset without
+    a classifier fails at once), or None."""
+    if (metric == "fd" or config.fd_every > 0) and fd_samples <= 0:
+        fd_samples = config.fd_samples
+    return evaluation.FDMonitor.from_config(config, num_samples=fd_samples) if fd_samples > 0 else None
+
+
+def _groups(run: loop.Run, members: list[dict], keys: list[loop.RunKeys],
+            mode: str) -> tuple[list[loop.Group], list[ts.TrainState]]:
+    """One stacked group (and its initial states) per preconditioner setting present."""
+    groups, states = [], []
+    for precondition in (True, False):
+        idx = tuple(i for i, m in enumerate(members) if m["precondition"] == precondition)
+        if not idx:
             continue
-        if isinstance(d, str) or not 0.0 <= float(d) < 1.0:
-            raise ValueError(f"--decays: {d!r} is invalid: each decay must lie in [0, 1), or be 'off' "
-                             "for no preconditioner")
-        if not config.preconditioner:
-            raise ValueError(f"--decays: {d!r} needs the preconditioner, but --nopreconditioner is set; "
-                             "use --decays=off, or drop --nopreconditioner")
-    return [{"step_size": float(s), "decay": d if d == OFF else float(d), "precondition": d != OFF,
-             "seed": seed} for d in decays for s in step_sizes for seed in seeds]
+        hparams = stack_hparams([members[i]["step_size"] for i in idx],
+                                [0.0 if members[i]["decay"] == OFF else members[i]["decay"] for i in idx],
+                                run.config.eps)
+        groups.append(loop.Group(idx, jit_sweep_step(run.config, run.model, precondition, mode),
+                                 jnp.stack([keys[i].step for i in idx]), hparams, stacked=True))
+        states.append(init_sweep([keys[i].init for i in idx], run.model, run.image_shape, run.config.latent_dim))
+    return groups, states
+
+
+def _check_resumable(workdir: str, config: Config, members: list[dict]) -> None:
+    """Raises ValueError if the sweep saved in ``workdir`` has another model or grid."""
+    path = os.path.join(workdir, "sweep_config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    config_lib.check_resumable(Config.from_json(json.dumps(saved["config"])), config, path)
+    if saved["members"] != members:
+        raise ValueError(f"{path} holds a sweep over other members (step_sizes, decays or seeds). Use another "
+                         f"--workdir, or the saved grid to resume it.")
+
+
+def _member_results(trainer: loop.Trainer, members: list[dict], monitor) -> list[dict]:
+    """One result row per member: final training metrics, test ELBO and FD (None if diverged)."""
+    run = trainer.run
+    results = []
+    for i, m in enumerate(members):
+        ok, keys = trainer.diverged[i] is None, trainer.members[i].keys
+        r = {"member": i, **m, "diverged_at_step": trainer.diverged[i],
+             **{k: (_clean(trainer.last[i].get(k)) if ok else None) for k in _TRAIN_METRICS}}
+        if len(run.test_images):
+            elbo = evaluation.test_elbo(trainer.member_params(i), run.model, run.test_images, keys.eval) if ok else {}
+            r.update({k: _clean(elbo.get(k)) for k in ("test_elbo_nats", "test_elbo_bits_per_dim")})
+        if monitor is not None:
+            name = monitor.metric_name
+            if not ok:
+                fd = None
+            elif trainer.fd_step == trainer.step:  # fd_every > 0 measured it at the final step
+                fd = trainer.fd[i][name]
+            else:
+                fd = monitor(trainer.member_params(i), run.model, run.config, keys.sample)[name]
+            r[name] = r["fd"] = _clean(fd)
+        results.append(r)
+    return results
+
+
+def _write_results(workdir: str, summary: dict) -> None:
+    """``sweep_<metric>.png``, ``sweep_results.json`` and ``sweep_results.md``."""
+    metric = summary["metric"]
+    summary["plot_png"] = plotting.plot_sweep(
+        summary["members"], metric, os.path.join(workdir, f"sweep_{metric}.png"),
+        title=f"{summary['config']['dataset']}: {metric} after {summary['steps']} steps, T={summary['num_steps_T']}")
+    with open(os.path.join(workdir, "sweep_results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(workdir, "sweep_results.md"), "w") as f:
+        f.write(results_markdown(summary))
 
 
 def run_sweep(config: Config, step_sizes: Sequence[float], decays: Sequence | None, workdir: str, *,
@@ -268,7 +296,9 @@ def run_sweep(config: Config, step_sizes: Sequence[float], decays: Sequence | No
       step_sizes: Langevin step sizes, each > 0.
       decays: preconditioner decays in [0, 1), or ``"off"`` entries; None = ``[config.decay]``.
       workdir: output directory (created): ``sweep_results.json``, ``sweep_results.md``,
-        ``sweep_<metric>.png``, ``sweep_metrics.jsonl`` (every ``log_every`` steps), ``sweep_config.json``.
+        ``sweep_<metric>.png``, ``sweep_metrics.jsonl`` (every ``log_every`` steps),
+        ``sweep_config.json`` and ``checkpoints/`` (every ``checkpoint_every`` steps);
+        a checkpoint there is resumed.
       metric: key of :data:`METRICS` to rank and plot.
       seeds: member seeds (default ``[config.seed]``); the grid is decays x step_sizes x seeds.
       mode: ``"vmap"`` or ``"map"`` (see the module docstring).
@@ -280,157 +310,47 @@ def run_sweep(config: Config, step_sizes: Sequence[float], decays: Sequence | No
         is used when ``metric == "fd"`` or ``config.fd_every > 0`` and 0 was given.
         With ``config.fd_every > 0`` it is also logged every ``fd_every`` steps.
       on_log: optional callback ``(step, rows)`` at each logged step.
-
       return_params: also return every member's final params.
 
     Returns:
       The dict written to ``sweep_results.json``; with ``return_params``,
       ``(that dict, [params of member 0, 1, ...])``.
+
+    Raises:
+      ValueError: invalid config, grid or metric, or a workdir holding another sweep.
+      data.DatasetNotFoundError: the dataset is not available offline.
+      checkpoints.CheckpointError: an existing checkpoint cannot be restored.
     """
     config.validate()
     if metric not in METRICS:
-        raise ValueError(f"--metric={metric!r} is invalid: choose one of {sorted(METRICS)}")
+        raise ValueError(f"metric={metric!r} is invalid: choose one of {sorted(METRICS)}")
     members = resolve_members(config, step_sizes, decays, seeds)
-    if model is None:
-        model = ts.build_model(config)
-    if (metric == "fd" or config.fd_every > 0) and fd_samples <= 0:
-        fd_samples = config.fd_samples
-    monitor = None
-    if fd_samples > 0:  # build it first: a dataset without a classifier fails before training
-        from lpc_jax import evaluation
+    monitor = _fd_monitor(config, metric, fd_samples)
+    run = loop.setup(config, workdir, model=model, train_images=train_images, test_images=test_images)
+    _check_resumable(workdir, config, members)
+    keys = [loop.run_keys(m["seed"]) for m in members]  # a single run's keys for its seed
+    groups, states = _groups(run, members, keys, mode)
+    labels = [{"member": i, "step_size": m["step_size"], "decay": m["decay"], "seed": m["seed"]}
+              for i, m in enumerate(members)]
+    trainer = loop.Trainer(
+        run, groups, states, [loop.Member(label, k) for label, k in zip(labels, keys)],
+        log_file="sweep_metrics.jsonl", fd_monitor=monitor, on_log=on_log,
+        config_file=("sweep_config.json", json.dumps({"config": json.loads(config.to_json()), "members": members,
+                                                      "metric": metric, "mode": mode}, indent=2)))
+    trainer.fit()
 
-        monitor = evaluation.FDMonitor.from_config(config, num_samples=fd_samples)
-    fd_name = monitor.metric_name if monitor else None
-    if train_images is None:
-        train_images = data.load(config.dataset, "train", config.data_source, config.data_dir,
-                                 config.max_train_examples or None).images
-    if test_images is None:
-        test_images = data.load(config.dataset, "test", config.data_source, config.data_dir,
-                                config.eval_examples or None).images
-    image_shape = tuple(train_images.shape[1:])
-    num_total = train_lib.total_train_steps(config, train_images.shape[0])
-
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "sweep_config.json"), "w") as f:
-        json.dump({"config": json.loads(config.to_json()), "members": members, "metric": metric,
-                   "mode": mode}, f, indent=2)
-
-    keys = [seed_keys(m["seed"]) for m in members]
-    groups = []  # one compiled program per preconditioner setting
-    for precondition in (True, False):
-        idx = [i for i, m in enumerate(members) if m["precondition"] == precondition]
-        if not idx:
-            continue
-        groups.append({
-            "idx": idx,
-            "state": init_sweep([keys[i][0] for i in idx], model, image_shape, config.latent_dim),
-            "step_keys": jnp.stack([keys[i][1] for i in idx]),
-            "hparams": stack_hparams([members[i]["step_size"] for i in idx],
-                                     [0.0 if members[i]["decay"] == OFF else members[i]["decay"] for i in idx],
-                                     config.eps),
-            "fn": jit_sweep_step(config, model, precondition, mode),
-        })
-
-    K = len(members)
-    diverged = [None] * K
-    last = [dict() for _ in range(K)]
-    metrics_path = os.path.join(workdir, "sweep_metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    logging.info("sweep of %d members (%d programs, mode %s) on %s: %d steps, T=%d, batch %d",
-                 K, len(groups), mode, config.dataset, num_total, config.num_steps, config.batch_size)
-    t_start = t_window = time.time()
-    step, window_start = 0, 0
-    for index, x in data.step_batches(train_images, config.batch_size, config.seed, 0, num_total):
-        if all(d is not None for d in diverged):
-            break
-        x = jnp.asarray(x)
-        for g in groups:
-            g["state"], metrics = g["fn"](g["state"], x, _fold_in_all(g["step_keys"], step), g["hparams"])
-            metrics = jax.device_get(metrics)
-            finite = np.asarray(_members_finite(g["state"].params))
-            for j, i in enumerate(g["idx"]):
-                if diverged[i] is not None:
-                    continue
-                row = {k: float(v[j]) for k, v in metrics.items()}
-                if not finite[j] or not all(math.isfinite(v) for v in row.values()):
-                    diverged[i] = step + 1
-                    logging.warning("member %d (step_size %g, decay %s) diverged at step %d",
-                                    i, members[i]["step_size"], _decay_label(members[i]["decay"]), step + 1)
-                else:
-                    last[i] = row
-        step = index + 1
-        fd_now = monitor is not None and config.fd_every > 0 and (
-            step % config.fd_every == 0 or step == num_total)
-        if fd_now:
-            for g in groups:
-                for j, i in enumerate(g["idx"]):
-                    if diverged[i] is None:
-                        last[i][fd_name] = monitor(member(g["state"].params, j), model, config,
-                                                   keys[i][2])[fd_name]
-        if fd_now or step % config.log_every == 0 or step == num_total:
-            now = time.time()
-            rate = (step - window_start) / max(now - t_window, 1e-9)
-            rows = [{"step": step, "member": i, "step_size": m["step_size"], "decay": m["decay"],
-                     "seed": m["seed"], **({k: _clean(v) for k, v in last[i].items()}
-                                           if diverged[i] is None else {"diverged_at_step": diverged[i]})}
-                    for i, m in enumerate(members)]
-            with open(metrics_path, "a") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
-            alive = [last[i]["elbo"] for i in range(K) if diverged[i] is None and "elbo" in last[i]]
-            logging.info("step %d/%d | %.2f steps/s (%d members) | best elbo %.1f | %d diverged",
-                         step, num_total, rate, K, max(alive) if alive else float("nan"),
-                         sum(d is not None for d in diverged))
-            t_window, window_start = now, step
-            if on_log:
-                on_log(step, rows)
-    train_s = time.time() - t_start
-
-    results = [{"member": i, **m, "diverged_at_step": diverged[i],
-                **{k: (_clean(last[i].get(k)) if diverged[i] is None else None) for k in _TRAIN_METRICS}}
-               for i, m in enumerate(members)]
-    for g in groups:
-        params = g["state"].params
-        if test_images is not None and len(test_images):
-            elbo = _test_elbo(params, model, test_images, jnp.stack([keys[i][3] for i in g["idx"]]))
-            dims = int(np.prod(test_images.shape[1:]))
-            for j, i in enumerate(g["idx"]):
-                ok = diverged[i] is None
-                results[i]["test_elbo_nats"] = _clean(elbo[j]) if ok else None
-                results[i]["test_elbo_bits_per_dim"] = (_clean(-elbo[j] / (dims * math.log(2.0)))
-                                                        if ok else None)
-        if monitor is not None:
-            for j, i in enumerate(g["idx"]):
-                if diverged[i] is not None:
-                    fd = None
-                elif fd_name in last[i]:  # fd_every > 0 logged it at the final step
-                    fd = last[i][fd_name]
-                else:
-                    fd = monitor(member(params, j), model, config, keys[i][2])[fd_name]
-                results[i][fd_name] = _clean(fd)
-                results[i]["fd"] = results[i][fd_name]
-
-    metric_key = fd_name if metric == "fd" else metric
+    results = _member_results(trainer, members, monitor)
+    metric_key = monitor.metric_name if metric == "fd" else metric
     scored = [r for r in results if r.get(metric_key) is not None]
     best = (max if METRICS[metric] else min)(scored, key=lambda r: r[metric_key]) if scored else None
-    summary = {"metric": metric_key, "higher_is_better": METRICS[metric], "steps": step,
-               "num_steps_T": config.num_steps, "mode": mode, "train_wall_s": train_s,
+    summary = {"metric": metric_key, "higher_is_better": METRICS[metric], "steps": trainer.step,
+               "num_steps_T": config.num_steps, "mode": mode, "train_wall_s": trainer.train_s,
                "best_member": best["member"] if best else None, "members": results,
                "config": json.loads(config.to_json())}
-    summary["plot_png"] = plot_sweep(results, metric_key, os.path.join(workdir, f"sweep_{metric_key}.png"),
-                                     title=f"{config.dataset}: {metric_key} after {step} steps, T={config.num_steps}")
-    with open(os.path.join(workdir, "sweep_results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, "sweep_results.md"), "w") as f:
-        f.write(results_markdown(summary))
-    logging.info("sweep done in %.0f s; best %s: member %s", train_s, metric_key, summary["best_member"])
+    _write_results(workdir, summary)
+    logging.info("sweep done in %.0f s; best %s: member %s", trainer.train_s, metric_key, summary["best_member"])
     if return_params:
-        params = [None] * K
-        for g in groups:
-            for j, i in enumerate(g["idx"]):
-                params[i] = member(g["state"].params, j)
-        return summary, params
+        return summary, [trainer.member_params(i) for i in range(len(members))]
     return summary
 
 
@@ -455,36 +375,3 @@ def results_markdown(summary: dict) -> str:
         mark = " *" if r["member"] == summary["best_member"] else ""
         lines.append(f"| {r['member']}{mark} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
-
-
-def plot_sweep(results: list[dict], metric: str, path: str, title: str | None = None) -> str:
-    """``metric`` against step size (log x), one line per decay (and seed); writes a PNG."""
-    from lpc_jax import plotting  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    lines: dict[str, list] = {}
-    multi_seed = len({r["seed"] for r in results}) > 1
-    for r in results:
-        label = f"decay {r['decay']}" + (f", seed {r['seed']}" if multi_seed else "")
-        lines.setdefault(label, []).append((r["step_size"], r.get(metric)))
-    for label, pts in lines.items():
-        pts = sorted(pts)
-        xs = [p[0] for p in pts]
-        ys = [np.nan if p[1] is None else p[1] for p in pts]
-        ax.plot(xs, ys, marker="o", label=label)
-        for x_, y_ in zip(xs, ys):
-            if not np.isfinite(y_):
-                ax.axvline(x_, color="red", alpha=0.15, lw=4)  # diverged
-    ax.set_xscale("log")
-    ax.set_xlabel("Langevin step size")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

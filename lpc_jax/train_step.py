@@ -1,11 +1,13 @@
 """The LPC and VAE train steps: pure functions, jitted once at the call site.
 
 ``lpc_train_step`` is Algorithm 1 with the two typos fixed (see
-:mod:`lpc_jax.langevin`): one encoder forward, T Langevin steps in a
-``lax.scan`` whose every step takes ONE VJP of log p(x, z; theta) giving both the
-drift (grad_z) and the decoder gradient (grad_theta, eq. 8), accumulated in
-the scan carry so memory does not grow with T; then one encoder VJP for the
-summed forward/reverse KL cotangents, and one Adam update of (theta, phi).
+:mod:`lpc_jax.langevin`): one encoder forward, T steps of the sampler's own
+kernel (``langevin.build_kernel(..., with_param_grad=True)``) in a ``lax.scan``,
+each taking ONE VJP of log p(x, z; theta) that gives both the drift (grad_z)
+and the decoder gradient (grad_theta, eq. 8); grad_theta and the chain's
+moments are accumulated in the scan carry so memory does not grow with T; then
+one encoder VJP for the summed forward/reverse KL cotangents, and one Adam
+update of (theta, phi).
 
 ``vae_train_step`` trains the very same networks with the reparameterised ELBO.
 
@@ -108,14 +110,16 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
         z0 = jnp.where(state.step < prior_init_batches, z_prior, z_q)
     z0 = jax.lax.stop_gradient(z0)
 
+    # One kernel step takes ONE VJP of log p(x, z; theta): the drift and grad_theta (eq. 8).
+    kernel = langevin.build_kernel(lambda p, z: model.log_joint(p, x, z), precondition=precondition,
+                                   with_param_grad=True)
+
     def chain_step(carry, key):
         lstate, g_theta, moments = carry
-        log_p, vjp_fn = jax.vjp(lambda p, z: model.log_joint(p, x, z), theta, lstate.z)
-        g_theta_t, drift = vjp_fn(jnp.ones_like(log_p))
-        lstate = langevin.update(key, lstate, drift, hparams, precondition)
+        lstate, info, g_theta_t = kernel(key, lstate, hparams, theta)
         g_theta = jax.tree.map(jnp.add, g_theta, g_theta_t)
         return (lstate, g_theta, objectives.accumulate_moments(moments, lstate.z)), (
-            log_p.mean(), jnp.linalg.norm(drift, axis=-1).mean())
+            info.log_prob.mean(), info.drift_norm.mean())
 
     carry0 = (langevin.init(z0), jax.tree.map(jnp.zeros_like, theta),
               objectives.init_moments(jax.lax.stop_gradient(mean)))

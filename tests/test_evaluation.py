@@ -5,6 +5,7 @@ batch 16, T = 2, 4 SGD steps, checkpoints at steps 2 and 4) is trained once per
 module; every test evaluates it with small sample counts.
 """
 
+import functools
 import json
 import math
 import os
@@ -13,10 +14,13 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from lpc_jax import checkpoints, classifier, data, evaluation, train
+from lpc_jax import checkpoints, classifier, data, evaluation, inception, metrics, objectives, train
+from lpc_jax import train_step as ts
 from lpc_jax.config import Config
+from tests import tiny_model as tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = Config(dataset="fashion_mnist", data_source="idx", max_train_examples=64, batch_size=16,
@@ -46,10 +50,10 @@ def loaded(run_dir):
 @pytest.fixture(scope="module")
 def result(loaded, run_dir, test_images):
     config, model, state = loaded
-    return evaluation.evaluate(
-        config, model, state, num_samples=200, rng_key=jax.random.key(1), iwae_samples=64,
-        iwae_examples=16, iwae_batch_size=16, elbo_examples=64, kid_subsets=10, kid_subset_size=100,
-        sample_batch_size=100, samples_png=os.path.join(run_dir, "eval_samples.png"), test_images=test_images)
+    options = evaluation.EvalOptions(iwae_samples=64, iwae_examples=16, iwae_batch_size=16, elbo_examples=64,
+                                     kid_subsets=10, kid_subset_size=100, sample_batch_size=100)
+    return evaluation.evaluate(config, model, state, num_samples=200, rng_key=jax.random.key(1), options=options,
+                               samples_png=os.path.join(run_dir, "eval_samples.png"), test_images=test_images)
 
 
 # --------------------------------------------------------------------------- #
@@ -81,19 +85,37 @@ def test_load_run_errors_name_what_is_missing(tmp_path):
 
 
 # --------------------------------------------------------------------------- #
-# Sampling
+# Test ELBO
 # --------------------------------------------------------------------------- #
 
 
-def test_sample_prior_shape_range_and_batching(loaded):
-    config, model, state = loaded
-    key = jax.random.key(3)
-    imgs = evaluation.sample_prior(state.params, model, config, 25, key, batch_size=10)
-    assert imgs.shape == (25, 28, 28, 1) and imgs.dtype == np.float32
-    assert np.all(imgs >= -1) and np.all(imgs <= 1)
-    np.testing.assert_array_equal(evaluation.sample_prior(state.params, model, config, 10, key, batch_size=10),
-                                  imgs[:10])
-    assert evaluation.sample_prior(state.params, model, config, 0, key).shape == (0, 28, 28, 1)
+def test_test_elbo_is_the_mean_of_reparameterized_elbos_with_the_documented_keys():
+    model = tiny.tiny_model(optax.adam(1e-3))
+    params = ts.create_train_state(jax.random.key(0), model, tiny.SHAPE, tiny.LATENT).params
+    images = np.random.default_rng(0).integers(0, 256, (23, *tiny.SHAPE)).astype(np.uint8)
+    key = jax.random.key(5)
+    out = evaluation.test_elbo(params, model, images, key, batch_size=10)
+    # Documented schedule: batch i = images[10 i : 10 i + 10] zero-padded to 10 rows, key fold_in(key, i).
+    direct = []
+    for i in range(3):
+        x = data.to_float(images[10 * i : 10 * i + 10])
+        valid = x.shape[0]
+        x = np.concatenate([x, np.zeros((10 - valid, *tiny.SHAPE), np.float32)])
+        mean, variance = model.encoder.apply({"params": params["encoder"]}, x)
+        elbo = objectives.reparameterized_elbo(jax.random.fold_in(key, i), mean, variance,
+                                               lambda z: model.log_joint(params["decoder"], x, z))
+        direct.append(np.asarray(elbo)[:valid])
+    expected = float(np.mean(np.concatenate(direct), dtype=np.float64))
+    assert set(out) == {"test_elbo_nats", "test_elbo_bits_per_dim", "test_examples"}
+    assert out["test_examples"] == 23
+    assert out["test_elbo_nats"] == pytest.approx(expected, rel=1e-6)
+    assert out["test_elbo_bits_per_dim"] == pytest.approx(float(metrics.bits_per_dim(expected, 36)), rel=1e-6)
+    # Padding does not leak into the mean: the first 20 images alone, two full batches.
+    first20 = evaluation.test_elbo(params, model, images[:20], key, batch_size=10)
+    assert first20["test_elbo_nats"] == pytest.approx(float(np.mean(np.concatenate(direct)[:20], dtype=np.float64)),
+                                                      rel=1e-6)
+    with pytest.raises(ValueError, match="at least one image"):
+        evaluation.test_elbo(params, model, images[:0], key)
 
 
 # --------------------------------------------------------------------------- #
@@ -115,7 +137,7 @@ def test_evaluate_reports_every_metric(result, run_dir):
     assert set(result["feature_extractors"]) == {"fmnist"}
     assert "classifier" in result["feature_extractors"]["fmnist"]
     assert "fid" not in result and any("Inception" in n for n in result["notes"])
-    assert {"sampling", "metrics_fmnist", "iwae", "elbo"} <= set(result["timings_s"])
+    assert {"load_test_data", "sampling", "classifier", "likelihood"} <= set(result["timings_s"])
     json.dumps(result, allow_nan=False)  # serialisable as is
     with open(os.path.join(run_dir, "eval_samples.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -145,9 +167,9 @@ def test_inception_metrics_are_named_and_computed(loaded, test_images, monkeypat
         x = np.asarray(images, np.float32).reshape(len(images), -1)
         return np.tanh(x[:, ::7] / 64.0)  # (N, 112)
 
-    monkeypatch.setattr(evaluation.inception, "inception_features", fake_features)
-    out = evaluation.evaluate(config, model, state, num_samples=50, rng_key=jax.random.key(2),
-                              inception_variables={}, iwae_samples=0, elbo_examples=16, kid_subsets=2,
+    monkeypatch.setattr(inception, "inception_features", fake_features)
+    options = evaluation.EvalOptions(inception_variables={}, iwae_samples=0, elbo_examples=16, kid_subsets=2)
+    out = evaluation.evaluate(config, model, state, num_samples=50, rng_key=jax.random.key(2), options=options,
                               test_images=test_images)
     for key in ("fid", "kid_inception", "kid_inception_std", "density_inception", "coverage_inception"):
         assert math.isfinite(out[key]), key
@@ -159,17 +181,72 @@ def test_missing_inception_weights_is_a_clear_error(loaded, test_images, tmp_pat
     config, model, state = loaded
     with pytest.raises(FileNotFoundError, match="Inception weights not found"):
         evaluation.evaluate(config, model, state, num_samples=10, rng_key=jax.random.key(0),
-                            inception_weights=str(tmp_path / "missing.pth"), iwae_samples=0,
-                            elbo_examples=8, test_images=test_images)
+                            options=evaluation.EvalOptions(inception_weights=str(tmp_path / "missing.pth")),
+                            test_images=test_images)
 
 
 def test_feature_metrics_of_two_halves_of_the_test_set(test_images):
     params = classifier.load_pretrained("fashion_mnist").params
     a = classifier.features(params, test_images[:1000])
     b = classifier.features(params, test_images[1000:2000])
-    out = evaluation.feature_metrics(a, b, "fmnist", "fd_fmnist", kid_subsets=5, kid_subset_size=500)
+    out = evaluation.feature_metrics(a, b, suffix="fmnist", fd_name="fd_fmnist", kid_subsets=5,
+                                     kid_subset_size=500)
     assert out["fd_fmnist"] < 20 and abs(out["kid_fmnist"]) < 0.5
     assert 0.8 < out["density_fmnist"] < 1.2 and 0.9 < out["coverage_fmnist"] <= 1.0
+
+
+# --------------------------------------------------------------------------- #
+# Evaluators by name
+# --------------------------------------------------------------------------- #
+
+CLASSIFIER_KEYS = {"fd_fmnist", "kid_fmnist", "kid_fmnist_std", "density_fmnist", "coverage_fmnist"}
+LIKELIHOOD_KEYS = {"iwae_log_likelihood_nats", "iwae_log_likelihood_stderr_nats", "iwae_bits_per_dim",
+                   "iwae_samples", "iwae_examples", "elbo_on_iwae_examples_nats", "iwae_minus_elbo_nats",
+                   "test_elbo_nats", "test_elbo_bits_per_dim", "test_elbo_examples"}
+
+
+def test_evaluators_are_selected_by_name_and_return_their_keys(loaded, test_images):
+    config, model, state = loaded
+    options = evaluation.EvalOptions(iwae_samples=8, iwae_examples=4, iwae_batch_size=4, elbo_examples=12,
+                                     kid_subsets=2, kid_subset_size=50)
+    assert evaluation.default_evaluators(options) == ("classifier", "likelihood")
+    assert evaluation.default_evaluators(options._replace(inception_weights="auto"))[1] == "inception"
+    bound = evaluation.make_evaluators(["likelihood", "classifier"], config, options, test_images)
+    real = test_images[:60]
+    fake = data.to_float(test_images[60:120])
+    key = jax.random.key(7)
+    lik = bound["likelihood"](state.params, model, real, fake, key)
+    assert set(lik) == LIKELIHOOD_KEYS and lik["iwae_examples"] == 4 and lik["test_elbo_examples"] == 12
+    clf = bound["classifier"](state.params, model, real, fake, key)
+    assert set(clf) == CLASSIFIER_KEYS | {"feature_extractors"} and set(clf["feature_extractors"]) == {"fmnist"}
+    # The likelihood evaluator's test ELBO is test_elbo on the same images with the ELBO half of its key.
+    direct = evaluation.test_elbo(state.params, model, test_images[:12], jax.random.split(key)[1])
+    assert lik["test_elbo_nats"] == direct["test_elbo_nats"]
+    # evaluate() runs only the named evaluators, each timed under its name.
+    out = evaluation.evaluate(config, model, state, num_samples=20, rng_key=jax.random.key(0), options=options,
+                              evaluators=["likelihood"], test_images=test_images)
+    assert LIKELIHOOD_KEYS <= set(out) and not CLASSIFIER_KEYS & set(out)
+    assert "likelihood" in out["timings_s"] and "classifier" not in out["timings_s"]
+    with pytest.raises(ValueError, match="unknown evaluator.*'fid'.*choose from.*classifier"):
+        evaluation.make_evaluators(["fid"], config, options, test_images)
+
+
+def test_an_evaluator_without_feature_extractor_is_skipped_with_a_note():
+    evaluators = {"classifier": functools.partial(evaluation.classifier_metrics, dataset="cifar10"),
+                  "constant": lambda params, model, real, fake, key: {"answer": 42.0, "notes": ["n"]}}
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    out = evaluation.run_evaluators(evaluators, None, None, images, images.astype(np.float32), jax.random.key(0))
+    assert out["answer"] == 42.0 and set(out["timings_s"]) == {"constant"}
+    assert out["notes"][0].startswith("classifier metrics skipped: dataset 'cifar10'") and out["notes"][1] == "n"
+
+
+def test_importing_the_train_loop_does_not_import_the_inception_network():
+    code = ("import sys, lpc_jax.train, lpc_jax.evaluation; "
+            "print(sorted(m for m in sys.modules if m in ('lpc_jax.inception', 'lpc_jax.torch_checkpoint')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
 
 
 # --------------------------------------------------------------------------- #
@@ -181,7 +258,7 @@ def test_fd_monitor_returns_a_finite_fd_fmnist(loaded, result):
     config, model, state = loaded
     monitor = evaluation.FDMonitor.from_config(config, num_samples=200, batch_size=100)
     assert monitor.metric_name == "fd_fmnist" and monitor.num_real == 200
-    sample_key = jax.random.split(jax.random.key(1), 3)[0]  # evaluate()'s sampling key
+    sample_key = jax.random.split(jax.random.key(1))[0]  # evaluate()'s sampling key
     out = monitor(state.params, model, config, sample_key)
     assert set(out) == {"fd_fmnist"} and isinstance(out["fd_fmnist"], float)
     assert math.isfinite(out["fd_fmnist"]) and out["fd_fmnist"] > 0

@@ -1,4 +1,4 @@
-"""Tests of lpc_jax.inception: shapes, layer semantics and the torch-free checkpoint reader.
+"""Tests of lpc_jax.inception (shapes, layer semantics, key mapping) and lpc_jax.torch_checkpoint.
 
 No real weights are needed: random tensors with the FID Inception's key names
 and shapes are written as .npz, as a torch zip checkpoint and as a legacy torch
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lpc_jax import inception
+from lpc_jax import inception, torch_checkpoint
 
 # --------------------------------------------------------------------------- #
 # Writing torch-format checkpoints without torch
@@ -178,11 +178,17 @@ def test_read_state_dict_roundtrip(tmp_path, state_dict, fmt):
         write_torch_zip(path, state_dict, transpose_first=transposed)
     else:
         write_torch_legacy(path, state_dict, transpose_first=transposed)
-    loaded = inception.read_state_dict(path)
+    loaded = torch_checkpoint.read_state_dict(path)
     assert set(loaded) == set(state_dict)
     for key, value in state_dict.items():
         assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+    converted = str(tmp_path / "converted.npz")
+    torch_checkpoint.convert_checkpoint_to_npz(path, converted)
+    again = torch_checkpoint.read_state_dict(converted)
+    assert set(again) == set(state_dict)
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(again[key], value, err_msg=key)
 
 
 def test_load_fid_inception_from_torch_zip_maps_layouts(tmp_path, state_dict):
@@ -231,11 +237,11 @@ def test_wrong_or_malicious_checkpoints_are_rejected(tmp_path, state_dict):
     with zipfile.ZipFile(evil, "w") as zf:
         zf.writestr("archive/data.pkl", b"cos\nsystem\n(S'echo pwned'\ntR.")
     with pytest.raises(ValueError, match="does not allow"):
-        inception.read_state_dict(str(evil))
+        torch_checkpoint.read_state_dict(str(evil))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
-        inception.read_state_dict(str(garbage))
+        torch_checkpoint.read_state_dict(str(garbage))
 
 
 # --------------------------------------------------------------------------- #

@@ -89,3 +89,23 @@ def test_gaussian_prior_and_bernoulli():
     np.testing.assert_allclose(likelihoods.bernoulli_log_prob(x, logits), [want], rtol=1e-6)
     with pytest.raises(ValueError, match="unknown likelihood"):
         models.make_log_joint(models.Decoder((28, 28, 1)), "poisson")
+
+
+def test_sample_prior_key_schedule_range_and_batching():
+    decoder = models.Decoder((28, 28, 1))
+    params = decoder.init(jax.random.key(0), jnp.zeros((1, 40)))["params"]
+    key = jax.random.key(3)
+    imgs = models.sample_prior(decoder, params, key, 25, latent_dim=40, prior_scale=0.5, batch_size=10)
+    assert imgs.shape == (25, 28, 28, 1) and imgs.dtype == np.float32
+    assert np.all(imgs >= -1) and np.all(imgs <= 1)
+    # Batch i decodes prior_scale * normal(fold_in(key, i), (batch_size, latent_dim)); the surplus is dropped.
+    z2 = 0.5 * jax.random.normal(jax.random.fold_in(key, 2), (10, 40))
+    np.testing.assert_array_equal(imgs[20:], np.asarray(models.decode_mean(decoder, params, z2))[:5])
+    np.testing.assert_array_equal(
+        models.sample_prior(decoder, params, key, 10, latent_dim=40, prior_scale=0.5, batch_size=10), imgs[:10])
+    logits, _ = decoder.apply({"params": params}, jax.random.normal(jax.random.fold_in(key, 0), (4, 40)))
+    bern = models.sample_prior(decoder, params, key, 4, latent_dim=40, likelihood="bernoulli")
+    np.testing.assert_allclose(bern, 2 * jax.nn.sigmoid(np.asarray(logits)) - 1, atol=1e-6)
+    assert models.sample_prior(decoder, params, key, 0, latent_dim=40).shape == (0, 28, 28, 1)
+    with pytest.raises(ValueError, match="num_samples >= 0 and batch_size >= 1"):
+        models.sample_prior(decoder, params, key, 4, latent_dim=40, batch_size=0)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from lpc_jax import checkpoints, data, train
+from lpc_jax import checkpoints, data, loop, train
 from lpc_jax import train_step as ts
 from lpc_jax.config import Config
 
@@ -67,11 +67,8 @@ def _snapshot(directory) -> dict:
 
 
 def _latest_step(workdir):
-    ckpt = checkpoints.Checkpointer(workdir)
-    try:
+    with checkpoints.Checkpointer(workdir) as ckpt:
         return ckpt.latest_step()
-    finally:
-        ckpt.close()
 
 
 def _final_state(workdir, config=BASE):
@@ -79,11 +76,8 @@ def _final_state(workdir, config=BASE):
     model = ts.build_model(config)
     template = ts.create_train_state(jax.random.key(0), model, data.image_shape(config.dataset),
                                      config.latent_dim)
-    ckpt = checkpoints.Checkpointer(workdir)
-    try:
+    with checkpoints.Checkpointer(workdir) as ckpt:
         return ckpt.restore(template)
-    finally:
-        ckpt.close()
 
 
 def _rows(workdir):
@@ -214,18 +208,18 @@ def test_interrupt_during_a_step_saves_and_resumes(straight, tmp_path, monkeypat
     workdir = str(tmp_path)
     config = dataclasses.replace(BASE, checkpoint_every=STEPS)
     calls = []
-    finite = train._finite
+    finite = loop.members_finite
 
-    def interrupted(metrics):
+    def interrupted(params, metrics, *, stacked):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return finite(metrics)
+        return finite(params, metrics, stacked=stacked)
 
-    monkeypatch.setattr(train, "_finite", interrupted)
+    monkeypatch.setattr(loop, "members_finite", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, workdir)
-    monkeypatch.setattr(train, "_finite", finite)
+    monkeypatch.setattr(loop, "members_finite", finite)
     assert _latest_step(workdir) == 3  # step 3 had finished; its result was kept
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
     train.train_and_evaluate(config, workdir)

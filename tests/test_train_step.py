@@ -122,6 +122,36 @@ def test_accumulated_gradients_equal_python_loop(setup, paper_setup, warm_start,
         chex.assert_shape(value, ())
 
 
+def test_chain_is_the_langevin_kernel(setup):
+    # The step's chain, rebuilt from the sampler's own kernel and sample_chain with the
+    # step's keys, gives the same per-step log densities, drifts and samples.
+    model, state, x = setup
+    hp = langevin.hparams(0.05, decay=0.9, eps=1e-3)
+    key = jax.random.key(5)
+    _, metrics = jax.jit(functools.partial(
+        ts.lpc_train_step, model=model, num_steps=T, warm_start="forward_kl", precondition=True,
+        prior_init_batches=0))(state, x, key, hp)
+
+    theta = state.params["decoder"]
+    k_q, _, _, k_chain = jax.random.split(key, 4)
+    mean, variance = model.encoder.apply({"params": state.params["encoder"]}, x)
+    z0 = objectives.sample_gaussian(k_q, mean, variance)
+    kernel = langevin.build_kernel(lambda z: model.log_joint(theta, x, z), precondition=True)
+    final, infos, zs = jax.jit(lambda z: langevin.sample_chain(
+        k_chain, kernel, langevin.init(z), hp, T, return_trace=True))(z0)
+    assert int(final.count) == T
+    cross_entropy = -jax.vmap(lambda z: objectives.gaussian_log_prob(z, mean, variance))(zs).mean()
+    expected = {
+        "log_p_start": infos.log_prob[0].mean(),
+        "log_p_chain": infos.log_prob.mean(),
+        "log_p_end": model.log_joint(theta, x, final.z).mean(),
+        "drift_norm_start": infos.drift_norm[0].mean(),
+        "drift_norm_end": infos.drift_norm[-1].mean(),
+        "forward_kl": cross_entropy,
+    }
+    chex.assert_trees_all_close({k: metrics[k] for k in expected}, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("warm_start", ["forward_kl", "reverse_kl", "jeffreys"])
 def test_encoder_objective_moves_phi_downhill(setup, warm_start):
     _, state, x = setup

@@ -1,0 +1,136 @@
+"""The figures and tables of ``docs/results.md``, regenerated from finished runs.
+
+    python -m experiments.figures --figure=fd_curves \\
+        --runs=LPC=runs/fmnist_lpc,VAE=runs/fmnist_vae --out=docs/figures/fig5_fd_curves.png
+    python -m experiments.figures --figure=sweep_heatmap --runs=sweep=runs/fmnist_sweep \\
+        --out=docs/figures/fig4_step_size.png
+    python -m experiments.figures --figure=warm_starts \\
+        --runs=none=runs/ws_none,forward_kl=runs/ws_fkl,reverse_kl=runs/ws_rkl,jeffreys=runs/ws_jef \\
+        --out=docs/figures/fig2_warm_starts.png
+    python -m experiments.figures --figure=table \\
+        --runs=LPC=runs/lpc_s0,LPC=runs/lpc_s1,VAE=runs/vae_s0 --out=docs/table1.md
+
+``--runs`` is a comma-separated list of ``label=workdir``; a label given several
+times (seeds) is reported as mean ± sd. Nothing is trained or sampled here:
+the curves come from each run's ``metrics.jsonl``, the heatmap from
+``sweep_results.json``, the table from ``eval.json`` (``python -m experiments.evaluate``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+from experiments import launch
+from lpc_jax import plotting
+
+FIGURES = ("fd_curves", "warm_starts", "sweep_heatmap", "table")
+
+flags.DEFINE_enum("figure", None, list(FIGURES), "What to draw: fd_curves (Fig. 5B), warm_starts "
+                  "(Fig. 2), sweep_heatmap (Fig. 4) or table (Table 1, markdown).")
+flags.DEFINE_string("runs", None, "Comma-separated label=workdir pairs; repeat a label for seeds.")
+flags.DEFINE_string("out", None, "Output file (PNG, or .md for --figure=table).")
+flags.DEFINE_string("metric", "fd_fmnist", "Metric of the curves, bars and heatmap.")
+
+FLAGS = flags.FLAGS
+
+TABLE_KEYS = ("fd_fmnist", "kid_fmnist", "density_fmnist", "coverage_fmnist", "iwae_nats",
+              "iwae_bits_per_dim", "test_elbo_nats", "train_wall_s", "step")
+
+
+def parse_runs(text: str | None) -> list[tuple[str, str]]:
+    """``"a=dir1,b=dir2"`` -> ``[("a", "dir1"), ("b", "dir2")]``; ValueError names the flag."""
+    if not text:
+        raise ValueError("runs is empty: give label=workdir pairs, e.g. --runs=LPC=runs/lpc,VAE=runs/vae")
+    pairs = []
+    for item in text.split(","):
+        label, sep, workdir = item.partition("=")
+        if not sep or not label or not workdir:
+            raise ValueError(f"runs: {item!r} is not label=workdir")
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"runs: {workdir!r} (label {label!r}) is not a directory")
+        pairs.append((label, workdir))
+    return pairs
+
+
+def _read_json(workdir: str, name: str) -> dict:
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: finish the run (or run experiments.evaluate) first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _final(rows: list[dict], metric: str, workdir: str) -> float:
+    values = [r[metric] for r in rows if metric in r]
+    if not values:
+        raise ValueError(f"{workdir}/metrics.jsonl has no {metric!r}: train with fd_every > 0")
+    return float(values[-1])
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def table_markdown(runs: list[tuple[str, str]]) -> str:
+    """Table 1 layout: one row per label, mean ± sd over its workdirs (seeds), from eval.json."""
+    groups = collections.defaultdict(list)
+    for label, workdir in runs:
+        result = _read_json(workdir, "eval.json")
+        summary = _read_json(workdir, "summary.json")
+        result["train_wall_s"] = summary.get("train_wall_s_this_run")
+        groups[label].append(result)
+    keys = [k for k in TABLE_KEYS if any(k in r for rs in groups.values() for r in rs)]
+    lines = ["| run | seeds | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
+    for label, results in groups.items():
+        cells = []
+        for k in keys:
+            values = [r[k] for r in results if r.get(k) is not None]
+            if not values:
+                cells.append("—")
+                continue
+            m, s = mean_sd(values)
+            cells.append(f"{m:.4g} ± {s:.2g}" if len(values) > 1 else f"{m:.4g}")
+        lines.append(f"| {label} | {len(results)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if FLAGS.figure is None or FLAGS.out is None:
+        raise app.UsageError("--figure and --out are required")
+    try:
+        runs = parse_runs(FLAGS.runs)
+        metric = FLAGS.metric
+        if FLAGS.figure == "table":
+            text = table_markdown(runs)
+            with open(FLAGS.out, "w") as f:
+                f.write(text)
+            print(text)
+        elif FLAGS.figure == "sweep_heatmap":
+            label, workdir = runs[0]
+            summary = _read_json(workdir, "sweep_results.json")
+            plotting.plot_sweep_heatmap(summary["members"], metric, FLAGS.out,
+                                        title=f"{label}: {metric} after {summary['steps']} SGD steps, "
+                                              f"T={summary['num_steps_T']}")
+        else:
+            rows = collections.defaultdict(list)
+            for label, workdir in runs:
+                rows[label].append((workdir, plotting.read_metrics(os.path.join(workdir, "metrics.jsonl"))))
+            if FLAGS.figure == "fd_curves":  # the first workdir of each label
+                plotting.plot_metric_curves({label: rs[0][1] for label, rs in rows.items()}, FLAGS.out, metric)
+            else:
+                bars = {label: mean_sd([_final(r, metric, w) for w, r in rs]) for label, rs in rows.items()}
+                plotting.plot_bars(bars, FLAGS.out, ylabel=f"final {metric}", title="warm start of the chain")
+    except launch.RUN_ERRORS as e:
+        launch.exit_with_error(e)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(launch.absl_main(main))
