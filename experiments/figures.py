@@ -38,8 +38,9 @@ flags.DEFINE_string("metric", "fd_fmnist", "Metric of the curves, bars and heatm
 
 FLAGS = flags.FLAGS
 
-TABLE_KEYS = ("fd_fmnist", "kid_fmnist", "density_fmnist", "coverage_fmnist", "iwae_nats",
-              "iwae_bits_per_dim", "test_elbo_nats", "train_wall_s", "step")
+TABLE_KEYS = ("step", "fd_fmnist", "kid_fmnist", "density_fmnist", "coverage_fmnist",
+              "iwae_log_likelihood_nats", "iwae_bits_per_dim", "test_elbo_nats", "test_elbo_bits_per_dim",
+              "train_wall_s")
 
 
 def parse_runs(text: str | None) -> list[tuple[str, str]]:
@@ -48,7 +49,7 @@ def parse_runs(text: str | None) -> list[tuple[str, str]]:
         raise ValueError("runs is empty: give label=workdir pairs, e.g. --runs=LPC=runs/lpc,VAE=runs/vae")
     pairs = []
     for item in text.split(","):
-        label, sep, workdir = item.partition("=")
+        label, sep, workdir = item.rpartition("=")
         if not sep or not label or not workdir:
             raise ValueError(f"runs: {item!r} is not label=workdir")
         if not os.path.isdir(workdir):
