@@ -34,7 +34,7 @@ flags.DEFINE_enum("figure", None, list(FIGURES), "What to draw: fd_curves (Fig. 
                   "(Fig. 2), sweep_heatmap (Fig. 4) or table (Table 1, markdown).")
 flags.DEFINE_string("runs", None, "Comma-separated label=workdir pairs; repeat a label for seeds.")
 flags.DEFINE_string("out", None, "Output file (PNG, or .md for --figure=table).")
-flags.DEFINE_string("metric", "fd_fmnist", "Metric of the curves, bars and heatmap.")
+flags.DEFINE_string("plot_metric", "fd_fmnist", "Metric of the curves, bars and heatmap.")
 
 FLAGS = flags.FLAGS
 
@@ -107,7 +107,7 @@ def main() -> None:
         raise app.UsageError("--figure and --out are required")
     try:
         runs = parse_runs(FLAGS.runs)
-        metric = FLAGS.metric
+        metric = FLAGS.plot_metric
         if FLAGS.figure == "table":
             text = table_markdown(runs)
             with open(FLAGS.out, "w") as f:

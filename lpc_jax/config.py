@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any, Callable, Sequence
 
-from lpc_jax import data, likelihoods, objectives
+from lpc_jax import data, likelihoods, objectives, samplers
 
 ALGORITHMS = ("lpc", "vae")
 DATA_SOURCES = ("auto", "idx", "tfds")
@@ -104,6 +104,20 @@ class Config:
     preconditioner: bool = _field(True, "Adam-style diagonal preconditioning of the drift.")
     num_steps: int = _field(300, "Langevin steps T per SGD step (>= 1).", check=_at_least(1),
                             need="the chain needs at least 1 Langevin step")
+    sampler: str = _field(
+        "ula", "Chain sampler: ula (the paper's), mala (Metropolis-adjusted: one more decoder forward "
+        "pass and z-gradient per step) or underdamped (kinetic Langevin, OBABO; step_size is its time "
+        "step h, ULA-equivalent h^2/2).",
+        choices=samplers.SAMPLERS)
+    friction: float = _field(1.0, "Friction of the underdamped sampler, per unit time (> 0).",
+                             check=_finite_positive, need=_POSITIVE)
+    chain_dtype: str = _field(
+        "float32", "Decoder precision inside the chain: bfloat16 runs its VJP in bf16; the chain state, "
+        "likelihood, accumulators and updates stay float32.", choices=("float32", "bfloat16"))
+    theta_grad_every: int = _field(
+        1, "Accumulate the decoder gradient (eq. 8) on every k-th chain step only (random phase, "
+        "weight k/T: unbiased); the other steps take only grad_z. 1 = every step.", check=_at_least(1),
+        need="must be >= 1 (1 takes the decoder gradient on every chain step, eq. 8)")
     prior_init_batches: int = _field(50, "Chains start from the prior for this many batches.",
                                      check=_at_least(0), need="must be >= 0")
     # Optimisation.

@@ -98,7 +98,7 @@ class Decoder(nn.Module):
         if self.obs_scale is None:
             log_scale = self.param("log_scale", nn.initializers.constant(jnp.log(self.init_obs_scale)), (c,))
         else:
-            log_scale = jnp.full((c,), jnp.log(self.obs_scale), h.dtype)
+            log_scale = jnp.full((c,), jnp.log(self.obs_scale), jnp.float32)  # float32 also under a bf16 decoder
         return h, log_scale.reshape(1, 1, 1, c)
 
 

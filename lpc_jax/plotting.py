@@ -236,3 +236,133 @@ def plot_bars(values: dict[str, tuple[float, float]], path: str, ylabel: str, ti
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path, dpi=120)
+
+
+# --------------------------------------------------------------------------- #
+# Chain diagnostics (the paper's Figs. 1, 3, 6, 7 and 8)
+# --------------------------------------------------------------------------- #
+
+
+def _finite_limits(curves: list[tuple[np.ndarray, np.ndarray]], log: bool) -> tuple[float, float] | None:
+    """y-limits spanning mean +- sd of the curves that stay finite (a diverged one would swamp the axis)."""
+    lo, hi = [], []
+    for mean, sd in curves:
+        band = np.stack([mean - sd, mean + sd, mean])
+        if np.isfinite(band).all():
+            lo.append(float(mean.min() if log else band.min()))
+            hi.append(float(band.max()))
+    if not lo:
+        return None
+    lo_, hi_ = min(lo), max(hi)
+    if log:
+        return lo_ / 1.5, hi_ * 1.5
+    pad = 0.05 * (hi_ - lo_ or 1.0)
+    return lo_ - pad, hi_ + pad
+
+
+def plot_chain_curves(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: str,
+                      title: str | None = None, dashed: tuple[str, ...] = (), log_panels: tuple[str, ...] = ()) -> str:
+    """The paper's Figs. 3/7/8: per-step mean +- sd of chain statistics, one panel each.
+
+    Args:
+      curves: label (e.g. ``"preconditioned, step 0.1"``) -> panel name (e.g.
+        ``"log p(x, z_t) - log p(x, z_0) (nats)"``) -> ``(mean (T,), sd (T,))``.
+        Every label must have the same panels. A curve that turns non-finite
+        (a diverged chain) is drawn up to there, marked by a dotted vertical
+        line, and left out of the y-limits.
+      path: PNG to write.
+      title: optional figure title.
+      dashed: labels drawn with dashed lines (e.g. the runs without preconditioning).
+      log_panels: panels drawn on a log y-axis (e.g. the drift norm).
+    """
+    panels = list(next(iter(curves.values())))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    for i, (label, stats) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        for ax, panel in zip(axes[0], panels):
+            mean, sd = (np.asarray(a, np.float64) for a in stats[panel])
+            t = np.arange(len(mean))
+            bad = np.flatnonzero(~np.isfinite(mean))
+            ax.plot(t, mean, "--" if label in dashed else "-", color=color, lw=1.2,
+                    label=label if not bad.size else f"{label} (diverged at t={bad[0]})")
+            if bad.size:  # diverged: a dotted line where the batch mean stops being finite, no band
+                ax.axvline(bad[0], color=color, ls=":", lw=1)
+            else:
+                ax.fill_between(t, mean - sd, mean + sd, color=color, alpha=0.12, lw=0)
+    for ax, panel in zip(axes[0], panels):
+        log = panel in log_panels
+        if log:
+            ax.set_yscale("log")
+        limits = _finite_limits([tuple(np.asarray(a, np.float64) for a in c[panel]) for c in curves.values()], log)
+        if limits:
+            ax.set_ylim(*limits)
+        ax.set_xlabel("Langevin step t")
+        ax.set_ylabel(panel)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_pca_trajectories(paths: dict[str, list[np.ndarray]], path: str, titles: list[str] | None = None,
+                          suptitle: str | None = None) -> str:
+    """The paper's Figs. 1/6: latent trajectories on their 2 principal components.
+
+    Args:
+      paths: row label (e.g. ``"preconditioned, step 0.03"``) -> one (T + 1, 2)
+        projected path z_0..z_T per image (column); z_0 is the chain's start.
+      path: PNG to write.
+      titles: optional per-panel titles, one per row label, or one per image.
+      suptitle: optional figure title.
+    """
+    rows, ncols = list(paths), max(len(p) for p in paths.values())
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.3 * ncols, 3.1 * len(rows)), squeeze=False)
+    for i, label in enumerate(rows):
+        for j, xy in enumerate(paths[label]):
+            ax, xy = axes[i][j], np.asarray(xy)
+            ax.plot(xy[:, 0], xy[:, 1], "-", color=f"C{i}", lw=0.7, alpha=0.8)
+            ax.plot(xy[0, 0], xy[0, 1], "*", color="k", ms=11, label="start (encoder)")
+            ax.plot(xy[-1, 0], xy[-1, 1], "s", color=f"C{i}", ms=6, mec="k", label="end")
+            ax.set_title(f"{label}" + (f"\n{titles[j]}" if titles else ""), fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.grid(alpha=0.3)
+        axes[i][0].set_ylabel("PC 2")
+    for ax in axes[-1]:
+        ax.set_xlabel("PC 1")
+    axes[0][0].legend(fontsize=6)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_rhat_histogram(rhats: dict[str, np.ndarray], path: str, threshold: float = 1.01,
+                        title: str | None = None) -> str:
+    """Histogram of split R-hat per latent dimension for each setting, with the ``threshold`` line.
+
+    Non-finite values (diverged chains) are counted in the legend, not drawn; the
+    x axis turns logarithmic when R-hat reaches 2.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    values = {k: np.asarray(v, np.float64).ravel() for k, v in rhats.items()}
+    finite = np.concatenate([v[np.isfinite(v)] for v in values.values()] + [np.array([1.0, threshold * 1.02])])
+    lo, hi = min(0.99, float(finite.min())), float(finite.max())
+    log = hi > 2.0  # unmixed chains: R-hat spans orders of magnitude
+    bins = np.geomspace(lo, hi, 40) if log else np.linspace(lo, hi, 40)
+    for i, (label, v) in enumerate(values.items()):
+        undefined = int((~np.isfinite(v)).sum())
+        ax.hist(v[np.isfinite(v)], bins=bins, color=f"C{i}", alpha=0.5,
+                label=f"{label}: {np.mean(v < threshold):.0%} < {threshold}"
+                      + (f", {undefined} undefined" if undefined else ""))
+    if log:
+        ax.set_xscale("log")
+    ax.axvline(threshold, color="k", ls=":", lw=1)
+    ax.set_xlabel("split R-hat (per image x latent dimension)")
+    ax.set_ylabel("count")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)

@@ -9,6 +9,11 @@ moments are accumulated in the scan carry so memory does not grow with T; then
 one encoder VJP for the summed forward/reverse KL cotangents, and one Adam
 update of (theta, phi).
 
+Two static options cut the chain's cost: ``theta_grad_every=k`` takes grad_theta on
+every k-th step only (a random phase, weight k/T: unbiased for eq. 8's average), the
+other steps a VJP w.r.t. z alone; ``chain_dtype="bfloat16"`` runs the decoder's VJP in
+bf16 with everything else float32.
+
 ``vae_train_step`` trains the very same networks with the reparameterised ELBO.
 
 Both have signature ``step(state, x, rng_key, hparams) -> (state, metrics)``
@@ -26,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lpc_jax import langevin, models, objectives
+from lpc_jax import langevin, likelihoods, models, objectives, samplers
 from lpc_jax.config import Config
 
 Array = jax.Array
@@ -73,9 +78,115 @@ def _apply_grads(state: TrainState, grads, optimizer) -> TrainState:
     return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
 
 
+CHAIN_DTYPES = ("float32", "bfloat16")
+
+
+def chain_log_joint(model: Model, x: Array, *, prior_scale: float = 1.0,
+                    chain_dtype: str = "float32") -> Callable[[Any, Array], Array]:
+    """log p(x, z; theta) as the chain evaluates it: ``(theta, z (B, D)) -> (B,)`` nats, float32.
+
+    ``float32``: ``model.log_joint`` itself. ``bfloat16``: the decoder runs in bf16 (its
+    params, all but ``log_scale``, and z cast to bf16, so the decoder's VJP, i.e. the
+    drift's and grad_theta's convolutions, is bf16); its output is cast back to float32
+    and the likelihood and the prior are evaluated in float32 (bf16's spacing near 1 is
+    2^-7, coarser than the 8-bit pixel grid's 2/255). The gradients w.r.t. theta and z
+    come back float32 (the casts' transposes). This variant rebuilds the log joint from
+    ``model.decoder``, ``model.likelihood`` and ``prior_scale``, as
+    ``models.make_log_joint`` builds ``model.log_joint``.
+
+    Raises:
+      ValueError: ``chain_dtype`` is not one of ``CHAIN_DTYPES``.
+    """
+    if chain_dtype == "float32":
+        return lambda theta, z: model.log_joint(theta, x, z)
+    if chain_dtype != "bfloat16":
+        raise ValueError(f"chain_dtype={chain_dtype!r} is invalid: choose one of {list(CHAIN_DTYPES)}")
+    low = lambda a: a.astype(jnp.bfloat16)
+
+    def log_joint(theta, z):
+        theta = {name: p if name == "log_scale" else jax.tree.map(low, p) for name, p in theta.items()}
+        mean, log_scale = model.decoder.apply({"params": theta}, low(z))
+        log_px = likelihoods.observation_log_prob(
+            model.likelihood, x, mean.astype(jnp.float32), log_scale.astype(jnp.float32))
+        return log_px + likelihoods.normal_prior_log_prob(z, prior_scale)
+
+    return log_joint
+
+
+def theta_grad_steps(num_steps: int, theta_grad_every: int, phase: Array) -> Array:
+    """Which chain steps accumulate grad_theta: (T,) bool, True at t = phase + 1, phase + 1 + k, ...
+
+    With t = 1..T the chain step and ``phase`` u uniform on {0, ..., k - 1}, every
+    step is selected with probability 1/k, so weighting each selected step by k/T
+    (not 1 / number selected) keeps the estimate of eq. 8's average
+    (1/T) sum_t grad_theta log p(x, z_{t-1}) unbiased for every T, divisible by k or not.
+    """
+    return (jnp.arange(num_steps) - phase) % theta_grad_every == 0
+
+
+def _selected_steps(k_chain: Array, num_steps: int, theta_grad_every: int, phase: Array | int | None):
+    """``theta_grad_steps`` at ``phase``, or at a phase drawn uniformly from ``fold_in(k_chain, T)``
+    (a key disjoint from the T chain keys ``split(k_chain, T)``); None when k = 1."""
+    if theta_grad_every == 1:
+        return None
+    if phase is None:
+        phase = jax.random.randint(jax.random.fold_in(k_chain, num_steps), (), 0, theta_grad_every)
+    return theta_grad_steps(num_steps, theta_grad_every, phase)
+
+
+class _Chain(NamedTuple):
+    """What the train step needs from the chain (paper Algorithm 1, lines 4-10)."""
+
+    state: langevin.LangevinState  # after T steps
+    grad_theta: Any  # sum over the selected steps of grad_theta sum_b log p(x_b, z_{t-1,b})
+    moments: objectives.ChainMoments  # of z_1..z_T, for the forward KL (eq. 11)
+    log_p_trace: Array  # (T,) mean_b log p(x, z_{t-1}), nats
+    drift_trace: Array  # (T,) mean_b |grad_z log p(x, z_{t-1})|
+    accept_trace: Array | None = None  # (T,) mean_b acceptance probability (MALA only)
+
+
+def _run_chain(log_joint: Callable, theta, z0: Array, center: Array, hparams: langevin.LangevinHParams,
+               keys: Array, *, precondition: bool, selected: Array | None, sampler: str = "ula",
+               friction: float = 1.0) -> _Chain:
+    """T Langevin steps in a ``lax.scan``; ``selected`` (T,) bool or None (every step).
+
+    A selected step is ONE VJP of log p w.r.t. (theta, z): the drift and grad_theta
+    (eq. 8). An unselected one, under ``lax.cond``, is a VJP w.r.t. z only, so XLA drops
+    the decoder's kernel-gradient convolutions. Under ``vmap`` with a batched
+    ``selected`` the cond becomes a select and both branches run.
+    """
+    build = functools.partial(samplers.build, sampler, precondition=precondition, friction=friction)
+    init, kernel = build(log_joint, with_param_grad=True)
+    z_kernel = build(lambda z: log_joint(theta, z)).kernel
+
+    def with_theta(key, lstate, g_theta):
+        lstate, info, g_theta_t = kernel(key, lstate, hparams, theta)
+        return lstate, info, jax.tree.map(jnp.add, g_theta, g_theta_t)
+
+    def z_only(key, lstate, g_theta):
+        return *z_kernel(key, lstate, hparams), g_theta
+
+    def chain_step(carry, xs):
+        lstate, g_theta, moments = carry
+        if selected is None:
+            lstate, info, g_theta = with_theta(xs, lstate, g_theta)
+        else:
+            lstate, info, g_theta = jax.lax.cond(xs[1], with_theta, z_only, xs[0], lstate, g_theta)
+        return (lstate, g_theta, objectives.accumulate_moments(moments, lstate.z)), (
+            info.log_prob.mean(), info.drift_norm.mean(),
+            info.acceptance_prob.mean() if hasattr(info, "acceptance_prob") else None)
+
+    carry0 = (init(z0), jax.tree.map(jnp.zeros_like, theta), objectives.init_moments(center))
+    (lstate, g_theta, moments), traces = jax.lax.scan(
+        chain_step, carry0, keys if selected is None else (keys, selected))
+    return _Chain(lstate, g_theta, moments, *traces)
+
+
 def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevin.LangevinHParams, *,
                    model: Model, num_steps: int, warm_start: str = "jeffreys", precondition: bool = True,
-                   prior_scale: float = 1.0, prior_init_batches: int = 50):
+                   prior_scale: float = 1.0, prior_init_batches: int = 50, chain_dtype: str = "float32",
+                   theta_grad_every: int = 1, theta_grad_phase: Array | int | None = None,
+                   sampler: str = "ula", friction: float = 1.0):
     """One LPC SGD step on batch ``x`` (Algorithm 1, eqs. 5, 8, 11, 16, 17).
 
     Args:
@@ -89,6 +200,13 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
       precondition: Adam-style metric on the drift (static).
       prior_scale: prior standard deviation, for prior initialisation.
       prior_init_batches: chains start from the prior while ``state.step`` is below this.
+      chain_dtype: ``float32`` or ``bfloat16``, the decoder's precision in the chain (static,
+        :func:`chain_log_joint`); chain state, likelihood, accumulators, updates stay float32.
+      theta_grad_every: k >= 1 (static): grad_theta only on the steps of :func:`theta_grad_steps`,
+        weighted k/T (unbiased for eq. 8's average), the others take the drift only; 1 is eq. 8.
+      theta_grad_phase: their phase in [0, k) (int32, may be traced); None draws it uniformly.
+      sampler: ``ula``, ``mala`` or ``underdamped`` (static; :mod:`lpc_jax.samplers`).
+      friction: the underdamped sampler's friction.
 
     Returns:
       ``(new_state, metrics)``; metrics (nats per example): ``log_p_start``,
@@ -110,27 +228,17 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
         z0 = jnp.where(state.step < prior_init_batches, z_prior, z_q)
     z0 = jax.lax.stop_gradient(z0)
 
-    # One kernel step takes ONE VJP of log p(x, z; theta): the drift and grad_theta (eq. 8).
-    kernel = langevin.build_kernel(lambda p, z: model.log_joint(p, x, z), precondition=precondition,
-                                   with_param_grad=True)
-
-    def chain_step(carry, key):
-        lstate, g_theta, moments = carry
-        lstate, info, g_theta_t = kernel(key, lstate, hparams, theta)
-        g_theta = jax.tree.map(jnp.add, g_theta, g_theta_t)
-        return (lstate, g_theta, objectives.accumulate_moments(moments, lstate.z)), (
-            info.log_prob.mean(), info.drift_norm.mean())
-
-    carry0 = (langevin.init(z0), jax.tree.map(jnp.zeros_like, theta),
-              objectives.init_moments(jax.lax.stop_gradient(mean)))
-    (lstate, g_theta, moments), (log_p_trace, drift_trace) = jax.lax.scan(
-        chain_step, carry0, jax.random.split(k_chain, num_steps))
+    selected = _selected_steps(k_chain, num_steps, theta_grad_every, theta_grad_phase)
+    chain = _run_chain(chain_log_joint(model, x, prior_scale=prior_scale, chain_dtype=chain_dtype), theta, z0,
+                       jax.lax.stop_gradient(mean), hparams, jax.random.split(k_chain, num_steps),
+                       precondition=precondition, selected=selected, sampler=sampler, friction=friction)
     # Gradient ascent on (1/T) sum_t mean_b log p(x, z_{t-1}) -> descent direction for Adam.
-    g_theta = jax.tree.map(lambda g: -g / (num_steps * batch), g_theta)
+    scale = num_steps * batch if selected is None else num_steps * batch / theta_grad_every
+    g_theta = jax.tree.map(lambda g: -g / scale, chain.grad_theta)
 
     def encoder_loss(mean, variance):
         elbo = objectives.reparameterized_elbo(k_elbo, mean, variance, lambda z: model.log_joint(theta, x, z))
-        cross_entropy = objectives.forward_kl_from_moments(mean, variance, moments, num_steps)
+        cross_entropy = objectives.forward_kl_from_moments(mean, variance, chain.moments, num_steps)
         loss = w.reverse_kl * -elbo.mean() + w.forward_kl * cross_entropy.mean()
         return loss, (elbo.mean(), cross_entropy.mean())
 
@@ -139,7 +247,8 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
     (g_phi,) = encoder_vjp(cotangent)
 
     new_state = _apply_grads(state, {"decoder": g_theta, "encoder": g_phi}, model.optimizer)
-    log_p_end = model.log_joint(theta, x, lstate.z).mean()
+    log_p_end = model.log_joint(theta, x, chain.state.z).mean()
+    log_p_trace, drift_trace = chain.log_p_trace, chain.drift_trace
     metrics = {
         "loss": -log_p_trace.mean() + enc_loss,
         "log_p_chain": log_p_trace.mean(),
@@ -150,6 +259,8 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
         "drift_norm_start": drift_trace[0],
         "drift_norm_end": drift_trace[-1],
     }
+    if chain.accept_trace is not None:
+        metrics["accept_rate"] = chain.accept_trace.mean()
     return new_state, metrics
 
 
@@ -178,7 +289,8 @@ def make_train_step(config: Config, model: Model) -> Callable:
     return functools.partial(
         lpc_train_step, model=model, num_steps=config.num_steps, warm_start=config.warm_start,
         precondition=config.preconditioner, prior_scale=config.prior_scale,
-        prior_init_batches=config.prior_init_batches)
+        prior_init_batches=config.prior_init_batches, chain_dtype=config.chain_dtype,
+        theta_grad_every=config.theta_grad_every, sampler=config.sampler, friction=config.friction)
 
 
 def elbo_estimate(params, x: Array, rng_key: Array, *, model: Model, num_samples: int = 1) -> Array:

@@ -48,8 +48,12 @@ def paper_setup():
 
 
 def reference_algorithm_1(model, params, x, rng_key, hp, *, step, warm_start, precondition,
-                          prior_init_batches, num_steps=T):
-    """Algorithm 1 as a Python loop: returns (g_theta, g_phi, chain samples z_1..z_T)."""
+                          prior_init_batches, num_steps=T, theta_grad_every=1, phase=0):
+    """Algorithm 1 as a Python loop: returns (g_theta, g_phi, chain samples z_1..z_T).
+
+    With ``theta_grad_every`` k > 1, g_theta sums k/T times the gradient at the steps
+    t = phase + 1, phase + 1 + k, ... only.
+    """
     theta, phi = params["decoder"], params["encoder"]
     w = objectives.weights(warm_start)
     k_q, k_prior, k_elbo, k_chain = jax.random.split(rng_key, 4)
@@ -63,7 +67,9 @@ def reference_algorithm_1(model, params, x, rng_key, hp, *, step, warm_start, pr
     m = jnp.zeros_like(z)
     zs = []
     for t in range(1, num_steps + 1):
-        g_theta = jax.tree.map(lambda a, b: a + b / num_steps, g_theta, jax.grad(mean_log_joint)(theta, z))
+        if (t - 1 - phase) % theta_grad_every == 0:
+            g_theta = jax.tree.map(lambda a, b: a + b * theta_grad_every / num_steps, g_theta,
+                                   jax.grad(mean_log_joint)(theta, z))
         g = jax.grad(lambda z: model.log_joint(theta, x, z).sum())(z)
         if precondition:
             m = hp.decay * m + (1 - hp.decay) * g * g
@@ -120,6 +126,24 @@ def test_accumulated_gradients_equal_python_loop(setup, paper_setup, warm_start,
     chex.assert_tree_all_finite(metrics)
     for value in metrics.values():
         chex.assert_shape(value, ())
+
+
+@pytest.mark.parametrize("theta_grad_every,phase,networks", [
+    (2, 0, "tiny"), (3, 2, "tiny"), (5, 1, "tiny"),  # T = 4: 5 > T selects one step
+    (2, 1, "paper"),
+])
+def test_subsampled_decoder_gradient_equals_python_loop(setup, paper_setup, theta_grad_every, phase, networks):
+    model, state, x = setup if networks == "tiny" else paper_setup
+    state = state.replace(step=jnp.asarray(60, jnp.int32))
+    hp = langevin.hparams(0.01, decay=0.9, eps=1e-3)
+    key = jax.random.key(7)
+    kw = dict(warm_start="jeffreys", precondition=True, prior_init_batches=50)
+    grads, _, _ = jitted_grads(model, state, x, key, hp, theta_grad_every=theta_grad_every,
+                               theta_grad_phase=phase, **kw)
+    g_theta, g_phi, _ = reference_algorithm_1(model, state.params, x, key, hp, step=60,
+                                              theta_grad_every=theta_grad_every, phase=phase, **kw)
+    chex.assert_trees_all_close(grads["decoder"], jax.tree.map(jnp.negative, g_theta), rtol=2e-4, atol=1e-4)
+    chex.assert_trees_all_close(grads["encoder"], g_phi, rtol=2e-4, atol=1e-4)
 
 
 def test_chain_is_the_langevin_kernel(setup):
