@@ -60,27 +60,8 @@ blocks therefore carry ``custom_vmap`` rules: shared weights fold the vmapped ax
 into the batch, per-member weights loop (``lax.map``) over the members. Other
 backends keep JAX's default rule.
 
-Measured on the project's 2-core CPU while other jobs shared it (compare within a
-row). ``python -m benchmarks.layers --vmap 2``: 28x28x1 decoder, batch 64, latent
-40, discretised Gaussian, grad of sum_b log p(x_b, z_b) w.r.t. (theta, z), medians:
-
-=====================  ==========  ===================  =====  =====================
-layers                 standalone  rolled scan, /step   ratio  vmap over 2, /member
-=====================  ==========  ===================  =====  =====================
-plain flax (autodiff)  175 ms      538 ms               3.07   703 ms
-these layers           33 ms       32 ms                0.97   34 ms
-=====================  ==========  ===================  =====  =====================
-
-Single layers, batch 64, VJP w.r.t. (input, kernel), min of 7 calls, standalone /
-per iteration of a rolled 10-step scan (ms):
-
-==================================  ==============  ============
-transposed conv                     plain flax      these layers
-==================================  ==============  ============
-6x6x64 -> 12x12x32 (k4 s2 p1)       41.0 / 185.8    5.4 / 5.0
-12x12x32 -> 14x14x32 (k3 s1 p0)     69.8 / 255.2    10.3 / 11.4
-14x14x32 -> 28x28x1 (k4 s2 p1)      2.2 / 9.6       0.6 / 1.0
-==================================  ==============  ============
+Timings (plain flax layers against these, standalone and inside a rolled scan)
+are in ``benchmarks/RESULTS.md``; ``python -m benchmarks.layers`` measures them.
 
 Outputs and gradients equal the plain flax layers' to float32 rounding, also
 under jit, vmap and a rolled scan (tests/test_layers.py, which also checks the
