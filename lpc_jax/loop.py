@@ -189,9 +189,12 @@ def _deleted(tree) -> bool:
     return any(isinstance(leaf, jax.Array) and leaf.is_deleted() for leaf in jax.tree.leaves(tree))
 
 
-def _json_value(v):
-    """JSON-safe number: NaN/Inf -> None."""
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+def json_number(v):
+    """JSON-safe value: NaN/Inf -> None, numpy scalars -> float; None, bool, int, str as they are."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    v = float(v)
+    return v if math.isfinite(v) else None
 
 
 # --------------------------------------------------------------------------- #
@@ -369,7 +372,7 @@ class Trainer:
                 values = {"diverged_at_step": self.diverged[i]}
             else:
                 values = {**self.last[i], **(self.fd[i] if self.fd_step == step else {})}
-            rows.append({"step": step, **m.label, **{k: _json_value(v) for k, v in values.items()}, **common})
+            rows.append({"step": step, **m.label, **{k: json_number(v) for k, v in values.items()}, **common})
         with open(self._log_path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         alive = [r for r in rows if r.get("elbo") is not None]

@@ -53,7 +53,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import numbers
 import os
 from typing import Any, Callable, Sequence
@@ -165,14 +164,6 @@ def jit_sweep_step(config: Config, model: ts.Model, precondition: bool | None = 
 # --------------------------------------------------------------------------- #
 
 
-def _clean(v):
-    """JSON-safe float: NaN/Inf -> None."""
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
 def resolve_members(config: Config, step_sizes: Sequence[float], decays: Sequence | None,
                     seeds: Sequence[int] | None = None) -> list[dict]:
     """The sweep grid, decay-major: ``[{step_size, decay, precondition, seed}, ...]``.
@@ -255,10 +246,10 @@ def _member_results(trainer: loop.Trainer, members: list[dict], monitor) -> list
     for i, m in enumerate(members):
         ok, keys = trainer.diverged[i] is None, trainer.members[i].keys
         r = {"member": i, **m, "diverged_at_step": trainer.diverged[i],
-             **{k: (_clean(trainer.last[i].get(k)) if ok else None) for k in _TRAIN_METRICS}}
+             **{k: (loop.json_number(trainer.last[i].get(k)) if ok else None) for k in _TRAIN_METRICS}}
         if len(run.test_images):
             elbo = evaluation.test_elbo(trainer.member_params(i), run.model, run.test_images, keys.eval) if ok else {}
-            r.update({k: _clean(elbo.get(k)) for k in ("test_elbo_nats", "test_elbo_bits_per_dim")})
+            r.update({k: loop.json_number(elbo.get(k)) for k in ("test_elbo_nats", "test_elbo_bits_per_dim")})
         if monitor is not None:
             name = monitor.metric_name
             if not ok:
@@ -267,7 +258,7 @@ def _member_results(trainer: loop.Trainer, members: list[dict], monitor) -> list
                 fd = trainer.fd[i][name]
             else:
                 fd = monitor(trainer.member_params(i), run.model, run.config, keys.sample)[name]
-            r[name] = r["fd"] = _clean(fd)
+            r[name] = r["fd"] = loop.json_number(fd)
         results.append(r)
     return results
 
