@@ -3,6 +3,7 @@
     python -m benchmarks.chain            # full: T = 300 timed 3x, K = 8 sweeps at T = 30
     python -m benchmarks.chain --quick    # fewer repetitions: T = 300 timed once (~20 min, 2 loaded cores)
     python -m benchmarks.chain --table4   # only the paper's Table 4: seconds per SGD step
+    python -m benchmarks.chain --devices  # only data-parallel steps/s on 1, 2, 4 forced CPU devices
 
 Setting: batch 64, latent 40, the paper's networks, discretised Gaussian, Jeffreys
 warm start, preconditioning on (decay 0.99), Adam; 28x28x1 (a real Fashion-MNIST
@@ -43,6 +44,18 @@ Printed: human-readable rows, then as the LAST line one JSON object:
 T = 300, batch 64, for 64x64x3 and 28x28x1, each the median of ``--table4_reps`` calls,
 with the ratios LPC / VAE beside the paper's (Table 4, one GPU: VAE 0.022 s, LPC
 reverse KL 0.533 s, LPC Jeffreys 0.798 s per batch, x24 and x36).
+
+``--devices[=1,2,4]``: the single run's data-parallel train step (``train.make_group``:
+batch 64 sharded over the devices, state replicated; the main job's settings, T = 3)
+in one subprocess per device count with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+(forced CPU devices share the same cores: this checks correctness and overhead, not
+speed-up). ``scaling_<N>``: ``devices``, ``steps_per_s`` (median of ``--device_reps``
+blocks of ``--device_steps`` steps, each step's metrics fetched as the loop does),
+``compile_s``; ``param_rel_diff_step1_vs_1`` and ``param_rel_diff_vs_1`` =
+||params_N - params_1|| / ||params_1|| (all parameters, L2) after the first step and
+after all steps: float32 summation order only at step 1; training amplifies it over
+many steps as it amplifies any perturbation (a 1e-7 relative change of the initial
+params on one device grows to ~10% in 60 steps).
 """
 
 from __future__ import annotations
@@ -50,7 +63,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -210,8 +226,8 @@ def _sweep_section(out: dict, quick: bool, reps: int) -> None:
         _row(f"sweep K=8 {mode}, T={t_sweep} ({grouped} grouped convs)", ms_k, "ms")
         _row(f"sweep_speedup_K8_{mode}", out[f"sweep_speedup_K8_{mode}"])
     out["sequential_K8_ms"] = statistics.median(seq_all)
-    out["sweep_speedup_K8"] = out[f"sweep_speedup_K8_{sweep.DEFAULT_MODE}"]
-    out["sweep_default_mode"] = sweep.DEFAULT_MODE
+    out["sweep_speedup_K8"] = out[f"sweep_speedup_K8_{sweep.resolve_mode(sweep.DEFAULT_MODE)}"]
+    out["sweep_default_mode"] = f"{sweep.DEFAULT_MODE} ({sweep.resolve_mode(sweep.DEFAULT_MODE)} here)"
     out["sweep_T"] = t_sweep
 
 
@@ -336,11 +352,79 @@ def table4(out: dict, reps: int) -> None:
     out["table4_paper_s"] = PAPER_TABLE4
 
 
+def scaling_worker(steps: int, reps: int) -> dict:
+    """In a process with N (forced) devices: steps/s of ``train.make_group``'s step, the main job's settings."""
+    from experiments.fashion_mnist import DEFAULTS
+    from lpc_jax import distributed, loop, train
+
+    config = Config(**{**DEFAULTS, "batch_size": 64})
+    model = ts.build_model(config)
+    keys = loop.run_keys(0)
+    group = train.make_group(config, model, keys)
+    state = group.placement.put_state(loop.init_state(keys.init, model, (28, 28, 1), config.latent_dim))
+    try:
+        images = data.load("fashion_mnist", "train", "idx", None, 64 * 20).images
+    except Exception:  # noqa: BLE001  (no dataset: random 8-bit images)
+        images = np.random.default_rng(0).integers(0, 256, (64 * 20, 28, 28, 1), dtype=np.uint8)
+    batches = [x for _, x in data.step_batches(images, 64, 0, 0, 20)]
+
+    def run(state, start, n):
+        for i in range(start, start + n):
+            state, metrics = group.step_fn(state, group.placement.put_batch(batches[i % 20]), group.rng(i),
+                                           group.hparams)
+            jax.device_get(metrics)
+        return state
+
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(run(state, 0, 1))
+    compile_s = time.perf_counter() - t0
+    after_one = [np.asarray(a, np.float64).ravel().tolist() for a in jax.tree.leaves(distributed.local_copy(state.params))]
+    per_s = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(run(state, 1 + r * steps, steps))
+        per_s.append(steps / (time.perf_counter() - t0))
+    params = distributed.local_copy(state.params)
+    return {"devices": jax.device_count(), "steps_per_s": statistics.median(per_s), "compile_s": compile_s,
+            "steps": 1 + reps * steps, "batch_devices": len(group.placement.batch.device_set),
+            "params_step1": after_one,
+            "params": [np.asarray(a, np.float64).ravel().tolist() for a in jax.tree.leaves(params)]}
+
+
+def scaling(out: dict, device_counts: list[int], steps: int, reps: int) -> None:
+    """``scaling_worker`` in one subprocess per device count (XLA_FLAGS before jax starts)."""
+    ref = None
+    for n in device_counts:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        code = f"import json; from benchmarks import chain; print('RESULT', json.dumps(chain.scaling_worker({steps}, {reps})))"
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if proc.returncode:
+            raise RuntimeError(f"{n} devices: {proc.stderr[-2000:]}")
+        result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+        params = {k: np.concatenate([np.asarray(p) for p in result.pop(k)]) for k in ("params_step1", "params")}
+        ref = ref or params
+        for k, name in (("params_step1", "param_rel_diff_step1_vs_1"), ("params", "param_rel_diff_vs_1")):
+            result[name] = float(np.linalg.norm(params[k] - ref[k]) / np.linalg.norm(ref[k]))
+        out[f"scaling_{n}"] = result
+        _row(f"{n} forced CPU device(s): data-parallel steps/s (T=3, batch 64)", result["steps_per_s"])
+        _row(f"{n} forced CPU device(s): compile", result["compile_s"], "s")
+        _row(f"{n} forced CPU device(s): |params - params(1 device)| / |params|, step 1",
+             result["param_rel_diff_step1_vs_1"])
+        _row(f"{n} forced CPU device(s): the same after {result['steps']} steps", result["param_rel_diff_vs_1"])
+    out["scaling_note"] = ("forced CPU devices share this machine's cores: correctness and overhead, "
+                           "not speed-up")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--table4", action="store_true", help="only the Table 4 analogue (s per SGD step)")
     parser.add_argument("--table4_reps", type=int, default=2, help="timed SGD steps per Table 4 entry")
+    parser.add_argument("--devices", nargs="?", const="1,2,4", default=None,
+                        help="only data-parallel steps/s on these forced CPU device counts (default 1,2,4)")
+    parser.add_argument("--device_steps", type=int, default=20, help="steps per timed block (--devices)")
+    parser.add_argument("--device_reps", type=int, default=3, help="timed blocks per device count (--devices)")
     args = parser.parse_args(argv)
     t_total = time.perf_counter()
     reps = 3 if args.quick else 7
@@ -348,7 +432,9 @@ def main(argv=None) -> dict:
     out: dict = {"device": f"{device.platform}:{device.device_kind} ({jax.device_count()} device(s), "
                            f"jax {jax.__version__})", "quick": args.quick}
     print(f"device: {out['device']}")
-    if args.table4:
+    if args.devices:
+        scaling(out, [int(n) for n in args.devices.split(",")], args.device_steps, args.device_reps)
+    elif args.table4:
         table4(out, args.table4_reps)
     else:
         _lpc_section(out, args.quick, reps)

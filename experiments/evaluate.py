@@ -23,6 +23,7 @@ from absl import app, flags
 
 from experiments import launch
 from lpc_jax import evaluation
+from lpc_jax import workdir as workdir_lib
 
 flags.DEFINE_string("workdir", None, "Run directory written by a launcher (holds config.json, checkpoints/).")
 flags.DEFINE_integer("num_samples", 10000, "Generated images, compared with as many real test images.")
@@ -45,8 +46,21 @@ def _fmt(value) -> str:
 
 
 def main() -> None:
+    """Evaluates under the workdir's "eval" lock: one evaluation per run directory at a time.
+
+    It is not the training lock: evaluation may read a run's checkpoints while the
+    run trains (read-only, never cleaning or deleting), and writes only its own files.
+    """
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory of a training run")
+    try:
+        with workdir_lib.lock(FLAGS.workdir, "evaluate", name="eval", create=False):
+            _evaluate()
+    except (FileNotFoundError, workdir_lib.WorkdirLockedError) as e:
+        launch.exit_with_error(e)
+
+
+def _evaluate() -> None:
     t0 = time.time()
     workdir = FLAGS.workdir
     try:

@@ -35,6 +35,7 @@ flags.DEFINE_enum("figure", None, list(FIGURES), "What to draw: fd_curves (Fig. 
 flags.DEFINE_string("runs", None, "Comma-separated label=workdir pairs; repeat a label for seeds.")
 flags.DEFINE_string("out", None, "Output file (PNG, or .md for --figure=table).")
 flags.DEFINE_string("plot_metric", "fd_fmnist", "Metric of the curves, bars and heatmap.")
+flags.DEFINE_string("eval_file", "eval.json", "The table's per-run metrics file (experiments.evaluate's --output).")
 
 FLAGS = flags.FLAGS
 
@@ -79,11 +80,11 @@ def mean_sd(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
 
 
-def table_markdown(runs: list[tuple[str, str]]) -> str:
-    """Table 1 layout: one row per label, mean ± sd over its workdirs (seeds), from eval.json."""
+def table_markdown(runs: list[tuple[str, str]], eval_file: str = "eval.json") -> str:
+    """Table 1 layout: one row per label, mean ± sd over its workdirs (seeds), from ``eval_file``."""
     groups = collections.defaultdict(list)
     for label, workdir in runs:
-        result = _read_json(workdir, "eval.json")
+        result = _read_json(workdir, eval_file)
         summary = _read_json(workdir, "summary.json")
         result["train_wall_s"] = summary.get("train_wall_s_this_run")
         groups[label].append(result)
@@ -109,7 +110,7 @@ def main() -> None:
         runs = parse_runs(FLAGS.runs)
         metric = FLAGS.plot_metric
         if FLAGS.figure == "table":
-            text = table_markdown(runs)
+            text = table_markdown(runs, FLAGS.eval_file)
             with open(FLAGS.out, "w") as f:
                 f.write(text)
             print(text)

@@ -16,15 +16,19 @@ from typing import Callable, NoReturn, Sequence
 from absl import app, flags, logging
 
 from experiments import flags as lpc_flags
-from lpc_jax import checkpoints, train
+from lpc_jax import checkpoints, distributed, train
+from lpc_jax import workdir as workdir_lib
 from lpc_jax.config import Config
 
 FLAGS = flags.FLAGS
 
 # Failures a run reports as `error: ...` and exit status 1: missing data or
-# weights (FileNotFoundError), an unreadable checkpoint, a diverged chain
-# (train.DivergenceError is a FloatingPointError), a value the library rejects.
-RUN_ERRORS = (FileNotFoundError, checkpoints.CheckpointError, FloatingPointError, ValueError)
+# weights (FileNotFoundError), an unreadable checkpoint or one that could not be
+# saved (checkpoints.CheckpointSaveError: disk full), a workdir in use by another
+# run, a diverged chain (train.DivergenceError is a FloatingPointError), a value
+# the library rejects.
+RUN_ERRORS = (FileNotFoundError, checkpoints.CheckpointError, workdir_lib.WorkdirLockedError, FloatingPointError,
+              ValueError)
 
 
 def flag_message(error: Exception) -> str:
@@ -60,7 +64,10 @@ def parse_config() -> Config:
 
 
 def _drop_orbax_info(record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+        return True
+    # A full disk is reported once, as checkpoints.CheckpointSaveError: not as orbax's thread tracebacks.
+    return record.levelno >= py_logging.WARNING and not checkpoints.is_disk_full(Exception(record.getMessage()))
 
 
 def absl_main(main_fn: Callable[[], None]) -> Callable[[Sequence[str]], None]:
@@ -76,11 +83,22 @@ def absl_main(main_fn: Callable[[], None]) -> Callable[[Sequence[str]], None]:
     return main
 
 
+def init_distributed(config: Config) -> None:
+    """Joins a multi-process run (``--coordinator_address``, ``--num_processes``, ``--process_id``)
+    before anything touches a device; a bad setting or an unreachable coordinator exits with
+    ``error: ...``. One process (the default) does nothing here and uses all its local devices."""
+    try:
+        distributed.initialize_from_config(config)
+    except (ValueError, TimeoutError) as e:
+        exit_with_error(e)
+
+
 def train_and_report() -> None:
     """The dataset launchers' main: ``train.train_and_evaluate`` under the flags; prints the result."""
     config = parse_config()
+    init_distributed(config)
     workdir = lpc_flags.workdir_from_flags(config)
-    try:
+    try:  # train_and_evaluate locks the workdir before any data loads
         summary = train.train_and_evaluate(config, workdir)
     except RUN_ERRORS as e:
         exit_with_error(e)

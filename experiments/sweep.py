@@ -29,6 +29,9 @@ flags.DEFINE_string("decays", None, "Comma-separated preconditioner decays in [0
                     "without the preconditioner. Default: --decay (or 'off' with --nopreconditioner).")
 flags.DEFINE_string("metric", "elbo", f"Metric to rank and plot: one of {sorted(sweep.METRICS)} "
                     "('fd' = classifier-space Frechet distance, e.g. fd_fmnist; costs ~2000 samples per member).")
+flags.DEFINE_enum("sweep_mode", sweep.DEFAULT_MODE, list(sweep.MODES),
+                  "How a device runs its members: vmap (batched), map (lax.map, one after another) or auto "
+                  "(vmap on GPU/TPU, map on CPU). The members are spread over all local devices either way.")
 lpc_flags.define_flags()  # the launchers' flags, so that importing this module gives the whole command line
 
 FLAGS = flags.FLAGS
@@ -87,8 +90,9 @@ def parse_sweep_flags():
 def main() -> None:
     config, step_sizes, decays, metric = parse_sweep_flags()
     workdir = lpc_flags.workdir_from_flags(config, run_name="sweep")
+    launch.init_distributed(config)  # a sweep runs in one process: more are refused with a message
     try:
-        summary = sweep.run_sweep(config, step_sizes, decays, workdir, metric=metric)
+        summary = sweep.run_sweep(config, step_sizes, decays, workdir, metric=metric, mode=FLAGS.sweep_mode)
     except launch.RUN_ERRORS as e:  # includes evaluation.NoFeatureExtractorError (a ValueError)
         launch.exit_with_error(e)
     print(sweep.results_markdown(summary))

@@ -91,6 +91,9 @@ class Config:
         "Default: /usr/share/datasets/fashion-mnist, or TFDS's own.")
     max_train_examples: int = _field(0, "Use only the first N training images (0 = all).", check=_at_least(0),
                                      need="must be >= 0 (0 means all)")
+    data_threads: int = _field(4, "Threads reading and decoding training batches ahead of the step "
+                               "(0 = each batch is made when the step asks for it).", check=_at_least(0),
+                               need="must be >= 0 (0 means no read-ahead threads)")
     # Objective and chain (paper section 3, eq. 1).
     algorithm: str = _field("lpc", "lpc (Langevin predictive coding) or vae.", choices=ALGORITHMS)
     warm_start: str = _field("jeffreys", "Encoder objective for the chain's warm start.",
@@ -128,6 +131,10 @@ class Config:
                                check=_finite_nonnegative, need="must be a finite number >= 0")
     num_train_steps: int = _field(0, "Total SGD steps; 0 = use num_epochs.", check=_at_least(0),
                                   need="must be >= 0 (0 means use num_epochs)")
+    lr_warmdown: float = _field(
+        0.0, "Fraction of the final SGD steps over which Adam's learning rate decays linearly to 0 "
+        "(needs num_train_steps > 0); 0 = constant.", check=lambda v: 0.0 <= v <= 1.0,
+        need="must lie in [0, 1] (0 keeps the learning rate constant)")
     # Model.
     latent_dim: int = _field(40, "Latent dimension.", check=_at_least(1), need="must be >= 1")
     likelihood: str = _field("discretized_gaussian", "Observation model (likelihood of an image given z).",
@@ -144,6 +151,9 @@ class Config:
     log_every: int = _field(50, "Log metrics every N steps.", check=_at_least(1), need="must be >= 1")
     checkpoint_every: int = _field(500, "Checkpoint (and refresh samples.png) every N steps.",
                                    check=_at_least(1), need="must be >= 1")
+    keep_checkpoints: int = _field(3, "Keep the newest N checkpoints (orbax max_to_keep); older ones are "
+                                   "deleted once a newer one is saved.", check=_at_least(1),
+                                   need="must be >= 1 (a rerun resumes from the newest checkpoint)")
     eval_examples: int = _field(10000, "Test images for the final ELBO (0 = all).", check=_at_least(0),
                                 need="must be >= 0 (0 means all)")
     fd_every: int = _field(
@@ -156,6 +166,18 @@ class Config:
         0, "Prior samples for the final sample-quality metrics in summary.json (fd_fmnist, KID, "
         "density, coverage against as many test images; offline feature extractors: fashion_mnist); "
         "0 = skip.", check=lambda v: v == 0 or v >= 2, need="must be 0 (skip) or >= 2")
+    # Scaling out (lpc_jax/distributed.py): one process uses all its local devices; more
+    # processes join through jax.distributed.
+    coordinator_address: str = _field(
+        "", "Multi-process runs: host:port of process 0 (the same on every process); 'auto' lets "
+        "jax.distributed detect the cluster (SLURM, Cloud TPU, Open MPI); '' = one process.",
+        check=lambda v: isinstance(v, str), need="must be host:port, 'auto' or ''")
+    num_processes: int = _field(1, "Processes in a multi-process run (with --coordinator_address=host:port).",
+                                check=_at_least(1), need="must be >= 1")
+    process_id: int = _field(0, "This process's id in [0, num_processes).", check=_at_least(0),
+                             need="must be >= 0 and below num_processes")
+    coordinator_timeout: int = _field(300, "Seconds a process waits for the coordinator and the other processes.",
+                                      check=_at_least(1), need="must be >= 1 second")
 
     def validate(self) -> Config:
         """Checks every field against its rule; returns self.
@@ -173,6 +195,15 @@ class Config:
                 raise ConfigError(f.name, value, f.metadata["need"])
         if self.num_train_steps == 0 and self.num_epochs == 0:
             raise ConfigError("num_epochs", self.num_epochs, "must be > 0 when num_train_steps is 0")
+        if self.process_id >= self.num_processes:
+            raise ConfigError("process_id", self.process_id,
+                              f"must lie in [0, {self.num_processes}) for num_processes={self.num_processes}")
+        if self.num_processes > 1 and not self.coordinator_address:
+            raise ConfigError("coordinator_address", self.coordinator_address,
+                              f"num_processes={self.num_processes} needs process 0's host:port (or 'auto')")
+        if self.lr_warmdown > 0 and self.num_train_steps == 0:
+            raise ConfigError("lr_warmdown", self.lr_warmdown,
+                              "needs a fixed --num_train_steps (> 0) to place the decay at the end of the run")
         return self
 
     def to_json(self) -> str:
@@ -200,7 +231,17 @@ def check_resumable(saved: Config, new: Config, path: str) -> None:
 
 
 def load(workdir: str) -> Config:
-    """Reads ``workdir/config.json``; FileNotFoundError if there is none."""
+    """Reads ``workdir/config.json``.
+
+    Raises:
+      FileNotFoundError: there is none.
+      ValueError: it is truncated or not a config (nothing is changed).
+    """
     path = os.path.join(workdir, "config.json")
     with open(path) as f:
-        return Config.from_json(f.read())
+        text = f.read()
+    try:
+        return Config.from_json(text)
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is truncated or not a run config ({type(e).__name__}: {e}). Nothing was "
+                         f"changed; restore the file, or use another --workdir.") from e

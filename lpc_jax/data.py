@@ -1,8 +1,11 @@
 """Input pipeline: offline Fashion-MNIST IDX files and prepared TFDS datasets.
 
-Two sources, one output format: ``uint8`` images of shape ``(N, H, W, C)`` held
-in host memory, batched by :func:`batches` into ``float32`` arrays in [-1, 1]
-(the scaling the discretised Gaussian likelihood expects, SPEC section 2).
+Two sources, one output format: ``uint8`` images of shape ``(N, H, W, C)``,
+batched by :func:`batches` / :func:`step_batches` into ``float32`` arrays in
+[-1, 1] (the scaling the discretised Gaussian likelihood expects, SPEC section 2).
+Training reads through :func:`open_images`: IDX files are held in memory, a TFDS
+split stays on disk (:class:`TfdsImages`) and :func:`step_batches` (grain,
+:mod:`lpc_jax.pipeline`) decodes each batch ahead of its step in worker threads.
 
 * ``idx``: the four ``*-ubyte.gz`` files that Debian's ``dataset-fashion-mnist``
   package installs in ``/usr/share/datasets/fashion-mnist/``. Nothing downloads.
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import Iterator, NamedTuple
+import zlib
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
@@ -61,7 +65,7 @@ def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: corrupt deflate data
         raise DatasetNotFoundError(f"cannot read IDX file {path}: {e}. {hint}") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DatasetNotFoundError(f"{path} is not an unsigned-byte IDX file. {hint}")
@@ -106,6 +110,9 @@ def load_idx(split: str, data_dir: str | None = None) -> Dataset:
                 f"or pass --data_dir=DIR holding {', '.join(_IDX_FILES[split])}."
             )
     images = _read_idx(image_file, 3)[..., None]
+    if images.shape[1:] != (28, 28, 1):
+        raise DatasetNotFoundError(f"{image_file} holds {images.shape[1]}x{images.shape[2]} images; Fashion-MNIST's "
+                                   f"are 28x28: the file is corrupt or from another dataset.")
     labels = _read_idx(label_file, 1).astype(np.int64)
     if images.shape[0] != labels.shape[0]:
         raise DatasetNotFoundError(
@@ -127,18 +134,96 @@ def _preprocess_tfds(name: str, image: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((64, 64), Image.BOX))
 
 
-def load_tfds(name: str, split: str, data_dir: str | None = None, max_examples: int | None = None) -> Dataset:
-    """Reads a prepared TFDS dataset with ``tfds.data_source`` (no TensorFlow).
+class TfdsImages:
+    """Lazy random access to a prepared TFDS split: reads and decodes only the rows asked for.
+
+    Looks like a read-only ``(N, H, W, C)`` uint8 array to the pipeline:
+    ``images[i]`` is one ``(H, W, C)`` image, ``images[idx]`` (an index array)
+    and ``images[a:b]`` stack ``(k, H, W, C)``; ``np.asarray(images)`` reads
+    all. Each image is preprocessed as :func:`_preprocess_tfds` (CelebA's centre
+    crop and resize). Nothing is held in memory but the TFDS source itself.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, name: str, source: Any, num_examples: int):
+        self.name = name
+        self.source = source
+        self.shape = (int(num_examples), *image_shape(name))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"TfdsImages({self.name!r}, shape={self.shape})"
+
+    def _read(self, indices: np.ndarray, num_threads: int = 4,
+              chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """``(images (k, H, W, C) uint8, labels (k,) int64, -1 where unlabelled)``.
+
+        More than ``chunk`` rows are read in chunks by ``num_threads`` grain threads.
+        """
+        if len(indices) <= chunk or num_threads < 1:
+            return self._read_chunk(indices)
+        import grain
+
+        chunks = [indices[i : i + chunk] for i in range(0, len(indices), chunk)]
+        options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+        parts = list(grain.MapDataset.source(chunks).map(self._read_chunk).to_iter_dataset(options))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _read_chunk(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = np.empty((len(indices), *self.shape[1:]), np.uint8)
+        labels = np.full((len(indices),), -1, np.int64)
+        for j, i in enumerate(indices):
+            example = self.source[int(i)]
+            out[j] = _preprocess_tfds(self.name, np.asarray(example["image"]))
+            if "label" in example:
+                labels[j] = int(example["label"])
+        return out, labels
+
+    def _indices(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            return np.arange(*key.indices(len(self)))
+        indices = np.asarray(key)
+        if indices.dtype == bool or not np.issubdtype(indices.dtype, np.integer):
+            raise TypeError(f"TfdsImages takes an int, a slice or an integer index array, not {key!r}")
+        indices = np.where(indices < 0, indices + len(self), indices)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"index out of range for {self!r}")
+        return indices
+
+    def __getitem__(self, key) -> np.ndarray:
+        indices = self._indices(key)
+        images = self._read(indices.reshape(-1))[0]
+        return images.reshape(*indices.shape, *self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        images = self[:]
+        return images if dtype is None else images.astype(dtype)
+
+    def labels(self, key=slice(None)) -> np.ndarray:
+        """The labels of rows ``key``, int64; -1 where the dataset has none (CelebA)."""
+        indices = self._indices(key)
+        return self._read(indices.reshape(-1))[1].reshape(indices.shape)
+
+
+def open_tfds(name: str, split: str, data_dir: str | None = None,
+              max_examples: int | None = None) -> TfdsImages:
+    """Opens a prepared TFDS dataset for lazy reading (``tfds.data_source``, no TensorFlow).
+
+    Only the split's index is opened; images are read and decoded when indexed.
 
     Args:
       name: one of ``DATASETS`` (``celeba`` maps to ``celeb_a``, ``svhn`` to
         ``svhn_cropped``).
       split: ``"train"`` or ``"test"``.
       data_dir: TFDS data directory; default TFDS's own (``~/tensorflow_datasets``).
-      max_examples: read at most this many examples (for smoke runs).
+      max_examples: expose at most the first this many examples.
 
     Returns:
-      ``Dataset`` with images (N, H, W, C) uint8 at the shape of ``image_shape(name)``.
+      :class:`TfdsImages` of shape ``(N, *image_shape(name))`` uint8.
 
     Raises:
       DatasetNotFoundError: the dataset is not prepared in ``data_dir``; the message
@@ -146,7 +231,8 @@ def load_tfds(name: str, split: str, data_dir: str | None = None, max_examples: 
     """
     import tensorflow_datasets as tfds
 
-    tfds_name, shape = DATASETS[name][0], image_shape(name)
+    image_shape(name)
+    tfds_name = DATASETS[name][0]
     try:
         source = tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises AssertionError / DatasetNotFoundError variants
@@ -158,14 +244,40 @@ def load_tfds(name: str, split: str, data_dir: str | None = None, max_examples: 
             f"and pass --data_dir=DIR."
         ) from e
     n = len(source) if max_examples is None else min(len(source), max_examples)
-    images = np.empty((n, *shape), np.uint8)
-    labels = np.full((n,), -1, np.int64)
-    for i in range(n):
-        example = source[i]
-        images[i] = _preprocess_tfds(name, np.asarray(example["image"]))
-        if "label" in example:
-            labels[i] = int(example["label"])
-    return Dataset(images, labels)
+    return TfdsImages(name, source, n)
+
+
+def load_tfds(name: str, split: str, data_dir: str | None = None, max_examples: int | None = None) -> Dataset:
+    """Reads a prepared TFDS dataset into memory (:func:`open_tfds`, then every row).
+
+    Args:
+      name, split, data_dir, max_examples: as :func:`open_tfds`.
+
+    Returns:
+      ``Dataset`` with images (N, H, W, C) uint8 at the shape of ``image_shape(name)``.
+
+    Raises:
+      DatasetNotFoundError: the dataset is not prepared in ``data_dir``; the message
+        gives the command to prepare it on a machine with internet access.
+    """
+    images = open_tfds(name, split, data_dir, max_examples)
+    everything = np.arange(len(images))
+    return Dataset(*images._read(everything))
+
+
+def open_images(name: str, split: str, source: str = "auto", data_dir: str | None = None,
+                max_examples: int | None = None) -> np.ndarray | TfdsImages:
+    """The images of ``name``/``split`` for the training pipeline, read as late as possible.
+
+    IDX files (small) are read into an ``(N, H, W, C)`` uint8 array; a TFDS
+    dataset is opened lazily as :class:`TfdsImages`. Arguments and errors as :func:`load`.
+    """
+    image_shape(name)
+    if source == "auto":
+        source = "idx" if name == "fashion_mnist" else "tfds"
+    if source == "tfds":
+        return open_tfds(name, split, data_dir, max_examples)
+    return load(name, split, source, data_dir, max_examples).images
 
 
 def load(name: str, split: str, source: str = "auto", data_dir: str | None = None,
@@ -205,22 +317,62 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def shard_rows(batch_size: int, shard_index: int = 0, shard_count: int = 1) -> slice:
+    """The rows of a global batch that process ``shard_index`` of ``shard_count`` reads.
+
+    Process ``i`` of ``n`` gets the contiguous slice ``[i * B / n, (i + 1) * B / n)``
+    of every global batch of ``B = batch_size`` rows, so the ``n`` shards in process
+    order concatenate to the global batch.
+
+    Raises:
+      ValueError: ``shard_count < 1``, ``shard_index`` outside ``[0, shard_count)``,
+        or ``batch_size`` not divisible by ``shard_count``.
+    """
+    if shard_count < 1:
+        raise ValueError(f"shard_count must be >= 1, got {shard_count}")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is out of range for shard_count {shard_count}; "
+                         f"it must be in [0, {shard_count})")
+    if batch_size % shard_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {shard_count} processes; "
+                         f"choose a batch_size that is a multiple of {shard_count}")
+    local = batch_size // shard_count
+    return slice(shard_index * local, (shard_index + 1) * local)
+
+
 def step_batches(images: np.ndarray, batch_size: int, seed: int, start_step: int,
-                 num_steps: int) -> Iterator[tuple[int, np.ndarray]]:
+                 num_steps: int, *, shard_index: int = 0, shard_count: int = 1,
+                 num_threads: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yields ``(step, batch)`` for SGD steps ``start_step .. num_steps - 1``.
 
     Step ``s`` gets batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``
     in :func:`epoch_order`, so a run resumed at ``start_step`` sees exactly the
-    batches an uninterrupted run would. Only the batches yielded are converted.
+    batches an uninterrupted run would. Only the batches yielded are read and
+    converted, ahead of time in grain worker threads (:func:`lpc_jax.pipeline.step_iterator`).
+
+    Args:
+      images: (N, H, W, C) uint8 array, or a lazy :class:`TfdsImages`.
+      batch_size: global batch size ``B`` (over all processes).
+      seed, start_step, num_steps: as above.
+      shard_index, shard_count: this process's place among ``shard_count``
+        processes; it gets rows :func:`shard_rows` of each global batch, so each
+        batch is ``(B / shard_count, H, W, C)`` float32 in [-1, 1].
+      num_threads: worker threads reading ahead (0 = none); default
+        ``pipeline.DEFAULT_THREADS``.
+
+    Raises:
+      ValueError: ``batch_size`` exceeds ``N``, or a bad shard (see :func:`shard_rows`);
+        at the first ``next``.
     """
-    steps_per_epoch = images.shape[0] // batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {batch_size} exceeds the {images.shape[0]} examples")
-    for step in range(start_step, num_steps):
-        epoch, index = divmod(step, steps_per_epoch)
-        if step == start_step or index == 0:
-            order = epoch_order(images.shape[0], seed, epoch)
-        yield step, to_float(images[order[index * batch_size : (index + 1) * batch_size]])
+    from lpc_jax import pipeline  # grain; it imports this module
+
+    iterator = pipeline.step_iterator(images, batch_size, seed, start_step, max(num_steps, start_step),
+                                      shard_index=shard_index, shard_count=shard_count,
+                                      num_threads=pipeline.DEFAULT_THREADS if num_threads is None else num_threads)
+    try:
+        yield from zip(range(start_step, num_steps), iterator)
+    finally:
+        iterator.close()
 
 
 def batches(images: np.ndarray, batch_size: int, seed: int, epoch: int) -> Iterator[np.ndarray]:

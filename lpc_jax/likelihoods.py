@@ -16,7 +16,9 @@ from jax import lax
 Array = jax.Array
 
 _HALF_BIN = 1.0 / 255.0
-_LOG_2PI = float(jnp.log(2.0 * jnp.pi))
+# float32(log(2 pi)) as a literal: jnp at import time would start the XLA backend before
+# jax.distributed.initialize could run (lpc_jax/distributed.py).
+_LOG_2PI = 1.8378770351409912
 _SQRT_HALF = 0.7071067811865476
 _LOG_SQRT_2PI = 0.5 * _LOG_2PI
 _LOG_NDTR_LOWER = -10.0  # as jax.scipy.special.log_ndtr for float32

@@ -6,7 +6,11 @@
   initial ``TrainState``.
 * A :class:`Group` is members advanced by one compiled step function: a single
   run is one group of one unstacked member; a sweep has one group per
-  preconditioner setting, its members stacked on a leading axis.
+  preconditioner setting, its members stacked on a leading axis. A group's
+  ``placement`` (:mod:`lpc_jax.distributed`) puts its state on the device mesh
+  once and each batch with one transfer per step: a single run's batch sharded
+  over every device (each process reading only its rows), a sweep's members
+  spread over the devices. Logs and config files are written by process 0.
 * :class:`Trainer` feeds every group the batches of :func:`lpc_jax.data.step_batches`
   with step keys ``fold_in(step_key, step)``, checks each member for NaN/Inf after
   every step (:func:`members_finite`) and runs the periodic actions
@@ -35,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lpc_jax import checkpoints, data, langevin, periodic, plotting
+from lpc_jax import checkpoints, data, distributed, langevin, periodic, plotting
+from lpc_jax import workdir as workdir_lib
 from lpc_jax import train_step as ts
 from lpc_jax.config import Config
 
@@ -97,12 +102,12 @@ def setup(config: Config, workdir: str, *, model: ts.Model | None = None,
       data.DatasetNotFoundError: the dataset is not available offline.
     """
     config.validate()
-    if train_images is None:
-        train_images = data.load(config.dataset, "train", config.data_source, config.data_dir,
-                                 config.max_train_examples or None).images
+    if train_images is None:  # TFDS splits open lazily (data.TfdsImages): rows are decoded when batched
+        train_images = data.open_images(config.dataset, "train", config.data_source, config.data_dir,
+                                        config.max_train_examples or None)
     if test_images is None:
-        test_images = data.load(config.dataset, "test", config.data_source, config.data_dir,
-                                config.eval_examples or None).images
+        test_images = data.open_images(config.dataset, "test", config.data_source, config.data_dir,
+                                       config.eval_examples or None)
     num_total = total_train_steps(config, train_images.shape[0])
     os.makedirs(workdir, exist_ok=True)
     return Run(config, model or ts.build_model(config), train_images, test_images, num_total, workdir)
@@ -142,6 +147,9 @@ class Group(NamedTuple):
     step_keys: Array  # the members' step keys: shape (), or (K_g,) when stacked
     hparams: langevin.LangevinHParams  # scalar fields, or (K_g,) when stacked
     stacked: bool = False  # state, keys, hparams and metrics carry a leading member axis
+    # Where the state and each batch live (distributed.data_parallel / member_parallel);
+    # None: the default device, the whole batch in this process.
+    placement: distributed.Placement | None = None
 
     def rng(self, step: int) -> Array:
         """The step's keys ``fold_in(step_key, step)`` (per member when stacked)."""
@@ -189,6 +197,14 @@ def _deleted(tree) -> bool:
     return any(isinstance(leaf, jax.Array) and leaf.is_deleted() for leaf in jax.tree.leaves(tree))
 
 
+def _write_atomic(path: str, text: str) -> None:
+    """Writes ``path`` so that a kill at any moment leaves the old or the new file, never a torn one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def json_number(v):
     """JSON-safe value: NaN/Inf -> None, numpy scalars -> float; None, bool, int, str as they are."""
     if v is None or isinstance(v, (bool, int, str)):
@@ -226,7 +242,12 @@ class Trainer:
                  log_file: str, config_file: tuple[str, str], fd_monitor=None,
                  on_log: Callable[[int, list[dict]], None] | None = None,
                  on_checkpoint: Callable[[int], None] | None = None):
-        self.run, self.groups, self.states, self.members = run, tuple(groups), list(states), tuple(members)
+        self.run, self.groups, self.members = run, tuple(groups), tuple(members)
+        self.states = [s if g.placement is None else g.placement.put_state(s) for g, s in zip(self.groups, states)]
+        shards = {(g.placement.shard_index, g.placement.shard_count) if g.placement else (0, 1) for g in self.groups}
+        if len(shards) != 1:
+            raise ValueError(f"groups read different rows of the batch ({sorted(shards)}); give them one placement")
+        (self._shard_index, self._shard_count), = shards
         self.single = len(self.groups) == 1 and not self.groups[0].stacked
         self._where = {i: (g, j) for g, group in enumerate(self.groups) for j, i in enumerate(group.members)}
         self.step, self.train_s, self.ckpt = 0, 0.0, None
@@ -248,24 +269,28 @@ class Trainer:
         )
 
     def member_params(self, i: int) -> Any:
-        """Params of member ``i`` (unstacked)."""
+        """Params of member ``i`` (unstacked), on one local device (``distributed.local_copy``)."""
         g, j = self._where[i]
         params = self.states[g].params
-        return member_tree(params, j) if self.groups[g].stacked else params
+        return distributed.local_copy(member_tree(params, j) if self.groups[g].stacked else params)
 
     def fit(self) -> None:
         """Restores the newest checkpoint (if any) and trains to ``run.num_total``.
 
         Raises:
+          lpc_jax.workdir.WorkdirLockedError: another process trains in ``run.workdir``.
           checkpoints.CheckpointError: the checkpoint cannot be restored.
+          checkpoints.CheckpointSaveError: a checkpoint could not be saved (e.g. disk full).
           DivergenceError: a single run's step produced NaN/Inf.
           KeyboardInterrupt: re-raised after saving the last finished step.
         """
-        with checkpoints.Checkpointer(self.run.workdir) as self.ckpt:
+        purpose = "train" if self.single else "sweep"
+        with workdir_lib.lock(self.run.workdir, purpose, process_index=jax.process_index()), \
+                checkpoints.Checkpointer(self.run.workdir, self.run.config.keep_checkpoints) as self.ckpt:
             self._restore()
             name, text = self._config_file
-            with open(os.path.join(self.run.workdir, name), "w") as f:
-                f.write(text)
+            if distributed.is_primary():
+                _write_atomic(os.path.join(self.run.workdir, name), text)
             self._train()
 
     def _restore(self) -> None:
@@ -278,11 +303,15 @@ class Trainer:
                 self.states, self.diverged, self.last = list(states), meta["diverged_at_step"], meta["last"]
             logging.info("resumed from %s at step %d", self.ckpt.directory, start)
         self.step = start or 0
-        # A run killed after its last checkpoint logged steps it will now redo: drop them.
-        rows = plotting.read_metrics(self._log_path)
-        if any(r.get("step", 0) > self.step for r in rows):
-            with open(self._log_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= self.step)
+        # A run killed after its last checkpoint logged steps it will now redo (and
+        # perhaps a torn last line): drop them.
+        if distributed.is_primary() and os.path.exists(self._log_path):
+            with open(self._log_path) as f:
+                text = f.read()
+            kept = "".join(json.dumps(r) + "\n" for r in plotting.read_metrics(self._log_path)
+                           if r.get("step", 0) <= self.step)
+            if kept != text:
+                _write_atomic(self._log_path, kept)
 
     def _train(self) -> None:
         run, c = self.run, self.run.config
@@ -291,13 +320,17 @@ class Trainer:
                      run.num_total, run.steps_per_epoch, c.num_steps, c.batch_size)
         self._progress = periodic.ReportProgress(start_step=self.step, num_total=run.num_total)
         try:
-            for index, x in data.step_batches(run.train_images, c.batch_size, c.seed, self.step, run.num_total):
+            for index, x in data.step_batches(run.train_images, c.batch_size, c.seed, self.step, run.num_total,
+                                              num_threads=c.data_threads, shard_index=self._shard_index,
+                                              shard_count=self._shard_count):
                 if all(d is not None for d in self.diverged):
                     break
-                self._pending = []
-                x = jnp.asarray(x)
+                self._pending, placed = [], {}  # one transfer per batch placement
                 for group, state in zip(self.groups, self.states):
-                    self._pending.append(group.step_fn(state, x, group.rng(index), group.hparams))
+                    where = group.placement and group.placement.batch
+                    if where not in placed:
+                        placed[where] = jnp.asarray(x) if where is None else group.placement.put_batch(x)
+                    self._pending.append(group.step_fn(state, placed[where], group.rng(index), group.hparams))
                 self._commit(index, self._pending)
                 for action in self._actions:
                     action(self.step)
@@ -373,8 +406,9 @@ class Trainer:
             else:
                 values = {**self.last[i], **(self.fd[i] if self.fd_step == step else {})}
             rows.append({"step": step, **m.label, **{k: json_number(v) for k, v in values.items()}, **common})
-        with open(self._log_path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        if distributed.is_primary():
+            with open(self._log_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
         alive = [r for r in rows if r.get("elbo") is not None]
         best = max(alive, key=lambda r: r["elbo"]) if alive else {}
         logging.info("step %d/%d (%.1f%%) | %.2f steps/s, %.0f ex/s | ETA %s | loss %.1f elbo %.1f%s",

@@ -42,8 +42,18 @@ after another inside the same program (``lax.map``): each member runs exactly
 the single-run computation (results bitwise equal to separate runs in the
 tests), one dispatch per SGD step for all members, cost K single steps. On one
 CPU a batch of 64 already keeps the cores busy, so there is nothing for
-batching members to win; vmap may pay off on an accelerator. Measured speeds:
+batching members to win; vmap may pay off on an accelerator. ``mode="auto"``
+(the default) picks vmap on GPU/TPU and map on CPU. Measured speeds:
 ``python -m benchmarks.chain`` and ``benchmarks/RESULTS.md``.
+
+Across devices
+--------------
+:func:`run_sweep` lays each group's member axis on the local devices
+(``distributed.member_parallel``, ``jax.shard_map``): K members on K devices
+run one member each (the single step itself, no vmap, so no grouped
+convolutions on any backend), K = q * n members on n devices run q per device
+by ``mode``. Every device sees the whole batch; results equal separate runs as
+above. A sweep runs in one process.
 
 Library code only: no flags; the command line is ``python -m experiments.sweep``.
 """
@@ -62,15 +72,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lpc_jax import evaluation, langevin, loop, plotting
+from lpc_jax import distributed, evaluation, langevin, loop, plotting
+from lpc_jax import workdir as workdir_lib
 from lpc_jax import config as config_lib
 from lpc_jax import train_step as ts
 from lpc_jax.config import Config
 
 Array = jax.Array
 
-SWEEP_MODES = ("vmap", "map")
-DEFAULT_MODE = "map"
+SWEEP_MODES = ("vmap", "map")  # how one device runs its members
+MODES = ("auto", *SWEEP_MODES)  # what a caller may ask for; "auto" -> resolve_mode
+DEFAULT_MODE = "auto"
 OFF = "off"  # a ``decays`` entry: no preconditioner
 
 # Metrics a sweep can rank members by -> True if higher is better. "fd" means the
@@ -116,15 +128,34 @@ def stack_hparams(step_sizes: Sequence[float], decays: Sequence[float],
     return langevin.LangevinHParams(*(jnp.stack(f) for f in zip(*hps)))
 
 
+def resolve_mode(mode: str, backend: str | None = None) -> str:
+    """``"auto"`` -> ``"vmap"`` on GPU/TPU, ``"map"`` on CPU; ``"vmap"``/``"map"`` as given.
+
+    Raises:
+      ValueError: a mode not in ``MODES``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"sweep mode {mode!r} is invalid: choose one of {list(MODES)}")
+    if mode != "auto":
+        return mode
+    return "map" if (backend or jax.default_backend()) == "cpu" else "vmap"
+
+
 def make_sweep_step(config: Config, model: ts.Model, *, precondition: bool | None = None,
-                    mode: str = DEFAULT_MODE) -> Callable:
+                    mode: str = DEFAULT_MODE, mesh: jax.sharding.Mesh | None = None) -> Callable:
     """``step(states, x, rng_keys, hparams) -> (states, metrics)`` over K members.
 
     Args:
       config: run settings (T, warm start, ...); ``config.algorithm`` must be lpc.
       model: networks and optimiser (static), shared by all members.
       precondition: overrides ``config.preconditioner`` (static).
-      mode: ``"vmap"`` (batched members) or ``"map"`` (``lax.map``, one member at a time).
+      mode: ``"vmap"`` (batched members), ``"map"`` (``lax.map``, one member at a time)
+        or ``"auto"`` (:func:`resolve_mode`).
+      mesh: a 1-D mesh (``distributed.mesh``): the member axis is split over its
+        devices with ``jax.shard_map`` (K must be a multiple of its size), each
+        device running its K / size members by ``mode``; a device with one member
+        runs the single step itself (no vmap: no grouped convolutions on any backend).
+        None: no sharding.
 
     The returned function (not jitted: wrap it in ``jax.jit``, e.g. with
     ``donate_argnums=0``) takes stacked states (leading axis K), ``x`` (B, H, W, C)
@@ -134,29 +165,41 @@ def make_sweep_step(config: Config, model: ts.Model, *, precondition: bool | Non
     """
     if config.algorithm != "lpc":
         raise ValueError(f"--algorithm={config.algorithm!r}: a Langevin sweep needs --algorithm=lpc")
-    if mode not in SWEEP_MODES:
-        raise ValueError(f"unknown sweep mode {mode!r}; choose one of {SWEEP_MODES}")
+    mode = resolve_mode(mode)
     if precondition is not None:
         config = dataclasses.replace(config, preconditioner=bool(precondition))
     single = ts.make_train_step(config, model)
     if mode == "vmap":
-        return jax.vmap(single, in_axes=(0, None, 0, 0))
+        step = jax.vmap(single, in_axes=(0, None, 0, 0))
+    else:
+        def step(states, x, rng_keys, hparams):
+            return jax.lax.map(lambda a: single(a[0], x, a[1], a[2]), (states, rng_keys, hparams))
+    if mesh is None:
+        return step
 
-    def step(states, x, rng_keys, hparams):
-        return jax.lax.map(lambda a: single(a[0], x, a[1], a[2]), (states, rng_keys, hparams))
+    def local(states, x, rng_keys, hparams):  # this device's members
+        if rng_keys.shape[0] == 1:
+            squeeze = lambda t: jax.tree.map(lambda a: a[0], t)
+            return jax.tree.map(lambda a: a[None], single(squeeze(states), x, rng_keys[0], squeeze(hparams)))
+        return step(states, x, rng_keys, hparams)
 
-    return step
+    members, whole = jax.sharding.PartitionSpec(distributed.AXIS), jax.sharding.PartitionSpec()
+    # check_vma=False: the members never communicate, and the likelihood's custom VJP
+    # returns a cotangent for the replicated x that varies over the devices.
+    return jax.shard_map(local, mesh=mesh, in_specs=(members, whole, members, members),
+                         out_specs=(members, members), check_vma=False)
 
 
 @functools.lru_cache(maxsize=16)
 def jit_sweep_step(config: Config, model: ts.Model, precondition: bool | None = None,
-                   mode: str = DEFAULT_MODE) -> Callable:
+                   mode: str = DEFAULT_MODE, mesh: jax.sharding.Mesh | None = None) -> Callable:
     """``jax.jit(make_sweep_step(...), donate_argnums=0)``, cached per argument set.
 
-    One jitted function per (config, model, precondition, mode) in the process,
+    One jitted function per (config, model, precondition, mode, mesh) in the process,
     so repeated sweeps (and tests) reuse its compiled programs.
     """
-    return jax.jit(make_sweep_step(config, model, precondition=precondition, mode=mode), donate_argnums=0)
+    return jax.jit(make_sweep_step(config, model, precondition=precondition, mode=mode, mesh=mesh),
+                   donate_argnums=0)
 
 
 # --------------------------------------------------------------------------- #
@@ -220,8 +263,11 @@ def _groups(run: loop.Run, members: list[dict], keys: list[loop.RunKeys],
         hparams = stack_hparams([members[i]["step_size"] for i in idx],
                                 [0.0 if members[i]["decay"] == OFF else members[i]["decay"] for i in idx],
                                 run.config.eps)
-        groups.append(loop.Group(idx, jit_sweep_step(run.config, run.model, precondition, mode),
-                                 jnp.stack([keys[i].step for i in idx]), hparams, stacked=True))
+        placement = distributed.member_parallel(len(idx))
+        groups.append(loop.Group(idx, jit_sweep_step(run.config, run.model, precondition, mode,
+                                                     mesh=placement.state.mesh),
+                                 placement.put_state(jnp.stack([keys[i].step for i in idx])),
+                                 placement.put_state(hparams), stacked=True, placement=placement))
         states.append(init_sweep([keys[i].init for i in idx], run.model, run.image_shape, run.config.latent_dim))
     return groups, states
 
@@ -231,10 +277,15 @@ def _check_resumable(workdir: str, config: Config, members: list[dict]) -> None:
     path = os.path.join(workdir, "sweep_config.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        saved = json.load(f)
-    config_lib.check_resumable(Config.from_json(json.dumps(saved["config"])), config, path)
-    if saved["members"] != members:
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        saved_config, saved_members = Config.from_json(json.dumps(saved["config"])), saved["members"]
+    except (ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is truncated or not a sweep config ({type(e).__name__}: {e}). Nothing was "
+                         f"changed; restore the file, or use another --workdir.") from e
+    config_lib.check_resumable(saved_config, config, path)
+    if saved_members != members:
         raise ValueError(f"{path} holds a sweep over other members (step_sizes, decays or seeds). Use another "
                          f"--workdir, or the saved grid to resume it.")
 
@@ -275,6 +326,7 @@ def _write_results(workdir: str, summary: dict) -> None:
         f.write(results_markdown(summary))
 
 
+@workdir_lib.locked("sweep")
 def run_sweep(config: Config, step_sizes: Sequence[float], decays: Sequence | None, workdir: str, *,
               metric: str = "elbo", seeds: Sequence[int] | None = None, mode: str = DEFAULT_MODE,
               model: ts.Model | None = None, train_images: np.ndarray | None = None,
@@ -292,7 +344,10 @@ def run_sweep(config: Config, step_sizes: Sequence[float], decays: Sequence | No
         a checkpoint there is resumed.
       metric: key of :data:`METRICS` to rank and plot.
       seeds: member seeds (default ``[config.seed]``); the grid is decays x step_sizes x seeds.
-      mode: ``"vmap"`` or ``"map"`` (see the module docstring).
+      mode: ``"auto"`` (vmap on GPU/TPU, map on CPU), ``"vmap"`` or ``"map"`` (see the
+        module docstring). The members are spread over the local devices
+        (``distributed.member_parallel``: K/m per device on m devices, m the largest
+        divisor of each group's K not above the device count).
       model: override ``train_step.build_model(config)`` (tests).
       train_images, test_images: uint8 (N, H, W, C) overrides of the dataset (tests).
       fd_samples: > 0 adds the classifier-space Frechet distance (``fd_fmnist``) of
@@ -309,12 +364,14 @@ def run_sweep(config: Config, step_sizes: Sequence[float], decays: Sequence | No
 
     Raises:
       ValueError: invalid config, grid or metric, or a workdir holding another sweep.
+      lpc_jax.workdir.WorkdirLockedError: another process trains in ``workdir`` (raised first).
       data.DatasetNotFoundError: the dataset is not available offline.
       checkpoints.CheckpointError: an existing checkpoint cannot be restored.
     """
     config.validate()
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is invalid: choose one of {sorted(METRICS)}")
+    mode = resolve_mode(mode)
     members = resolve_members(config, step_sizes, decays, seeds)
     monitor = _fd_monitor(config, metric, fd_samples)
     run = loop.setup(config, workdir, model=model, train_images=train_images, test_images=test_images)

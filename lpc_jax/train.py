@@ -26,7 +26,8 @@ from typing import Callable
 import jax
 from absl import logging
 
-from lpc_jax import evaluation, langevin, loop, models, plotting
+from lpc_jax import distributed, evaluation, langevin, loop, models, plotting
+from lpc_jax import workdir as workdir_lib
 from lpc_jax import config as config_lib
 from lpc_jax import train_step as ts
 from lpc_jax.config import Config
@@ -34,11 +35,15 @@ from lpc_jax.loop import DivergenceError  # noqa: F401  (public here: train.Dive
 
 
 def _write_samples(run: loop.Run, params, rng_key: jax.Array, step: int) -> str:
-    """``samples.png``: an 8 x 8 grid of decoder means of z ~ prior."""
+    """``samples.png``: an 8 x 8 grid of decoder means of z ~ prior (drawn and written by process 0)."""
     c = run.config
+    path = os.path.join(run.workdir, "samples.png")
+    if not distributed.is_primary():
+        return path
+    params = distributed.local_copy(params)
     images = models.sample_prior(run.model.decoder, params["decoder"], rng_key, 64, latent_dim=c.latent_dim,
                                  prior_scale=c.prior_scale, likelihood=run.model.likelihood)
-    return plotting.save_image_grid(images, os.path.join(run.workdir, "samples.png"), ncols=8,
+    return plotting.save_image_grid(images, path, ncols=8,
                                     title=f"{c.algorithm} {c.dataset}: z ~ prior, step {step}")
 
 
@@ -59,6 +64,23 @@ def sample_metrics(run: loop.Run, params, rng_key: jax.Array) -> dict:
     return {**out, "eval_samples": int(real.shape[0])}
 
 
+def make_group(config: Config, model: ts.Model, keys: loop.RunKeys) -> loop.Group:
+    """A single run's one member, data-parallel over every device (``distributed.data_parallel``).
+
+    The jitted step is the single-device step; its state is replicated and donated,
+    the batch (``config.batch_size`` rows, global) sharded along the mesh.
+
+    Raises:
+      ValueError: ``config.batch_size`` not divisible by the device count.
+    """
+    placement = distributed.data_parallel(config.batch_size)
+    step_fn = jax.jit(ts.make_train_step(config, model), donate_argnums=0,
+                      out_shardings=(placement.state, placement.replicated))
+    return loop.Group(members=(0,), step_fn=step_fn, step_keys=keys.step,
+                      hparams=langevin.hparams(config.step_size, config.decay, config.eps), placement=placement)
+
+
+@workdir_lib.locked("train")
 def train_and_evaluate(config: Config, workdir: str,
                        on_log: Callable[[int, dict], None] | None = None) -> dict:
     """Trains per ``config``, checkpointing and logging into ``workdir``.
@@ -82,6 +104,8 @@ def train_and_evaluate(config: Config, workdir: str,
         classifier (raised before training).
       checkpoints.CheckpointError: an existing checkpoint cannot be restored.
       DivergenceError: a step produced NaN/Inf (no checkpoint is written for it).
+      lpc_jax.workdir.WorkdirLockedError: another process uses ``workdir`` (checked
+        first, before any data loads).
     """
     if config.eval_samples:  # fail before training, not after it
         try:
@@ -93,8 +117,7 @@ def train_and_evaluate(config: Config, workdir: str,
     if os.path.exists(config_path):
         config_lib.check_resumable(config_lib.load(workdir), config, config_path)
     keys = loop.run_keys(config.seed)
-    group = loop.Group(members=(0,), step_fn=jax.jit(ts.make_train_step(config, run.model), donate_argnums=0),
-                       step_keys=keys.step, hparams=langevin.hparams(config.step_size, config.decay, config.eps))
+    group = make_group(config, run.model, keys)
     fd_monitor = evaluation.FDMonitor.from_config(config, config.fd_samples) if config.fd_every else None
     trainer = loop.Trainer(
         run, [group], [loop.init_state(keys.init, run.model, run.image_shape, config.latent_dim)],
@@ -103,15 +126,16 @@ def train_and_evaluate(config: Config, workdir: str,
         on_checkpoint=lambda step: _write_samples(run, trainer.states[0].params, keys.sample, step))
     trainer.fit()
 
-    params = trainer.states[0].params
+    params = trainer.member_params(0)  # on one local device: evaluation is not sharded
     summary = {"step": trainer.step, "train_wall_s_this_run": trainer.train_s,
                "samples_png": _write_samples(run, params, keys.sample, trainer.step),
                **evaluation.test_elbo(params, run.model, run.test_images, keys.eval)}
     if config.eval_samples:
         summary.update(sample_metrics(run, params, jax.random.fold_in(keys.sample, 1)))
-    plotting.plot_curves(plotting.read_metrics(os.path.join(workdir, "metrics.jsonl")),
-                         os.path.join(workdir, "curves.png"))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if distributed.is_primary():
+        plotting.plot_curves(plotting.read_metrics(os.path.join(workdir, "metrics.jsonl")),
+                             os.path.join(workdir, "curves.png"))
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     logging.info("done: %s", summary)
     return summary

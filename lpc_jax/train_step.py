@@ -60,7 +60,19 @@ def build_model(config: Config) -> Model:
     decoder = models.Decoder(shape, obs_scale=config.obs_scale or None, init_obs_scale=config.init_obs_scale)
     encoder = models.Encoder(shape, latent_dim=config.latent_dim)
     log_joint = models.make_log_joint(decoder, config.likelihood, config.prior_scale)
-    return Model(decoder, encoder, log_joint, optax.adam(config.learning_rate), config.likelihood)
+    return Model(decoder, encoder, log_joint, optax.adam(learning_rate(config)), config.likelihood)
+
+
+def learning_rate(config: Config) -> float | optax.Schedule:
+    """Adam's learning rate: ``config.learning_rate``, constant, or with ``lr_warmdown = f > 0``
+    constant for the first ``N - n`` updates and then linear to 0 over the last
+    ``n = max(1, round(f * N))``, N = ``config.num_train_steps``.
+    """
+    if config.lr_warmdown == 0:
+        return config.learning_rate
+    total = config.num_train_steps
+    n = max(1, round(config.lr_warmdown * total))
+    return optax.linear_schedule(config.learning_rate, 0.0, transition_steps=n, transition_begin=total - n)
 
 
 def create_train_state(rng_key: Array, model: Model, image_shape, latent_dim: int) -> TrainState:

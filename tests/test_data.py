@@ -286,3 +286,29 @@ def test_step_batches_follow_the_epoch_order_from_any_start():
         assert [s for s, _ in got] == list(range(start, 8))
         for s, batch in got:
             np.testing.assert_array_equal(batch, schedule[s])
+
+
+def test_step_batch_shards_partition_the_global_batch():
+    # Two simulated processes, each reading its half: together exactly the global
+    # batch in order, nothing missing, nothing duplicated.
+    images = _indexed_images(40)
+    whole = list(data.step_batches(images, 8, seed=1, start_step=3, num_steps=12))
+    shards = [list(data.step_batches(images, 8, seed=1, start_step=3, num_steps=12,
+                                     shard_index=i, shard_count=2)) for i in range(2)]
+    for (step, batch), (s0, b0), (s1, b1) in zip(whole, *shards):
+        assert step == s0 == s1
+        assert b0.shape == b1.shape == (4, 4, 4, 1)
+        np.testing.assert_array_equal(b0, batch[:4])
+        np.testing.assert_array_equal(b1, batch[4:])
+        np.testing.assert_array_equal(np.concatenate([b0, b1]), batch)
+    assert len(shards[0]) == len(shards[1]) == len(whole) == 9
+    assert data.shard_rows(12, 2, 4) == slice(6, 9)
+
+
+@pytest.mark.parametrize("index,count,match", [(0, 3, "not divisible by the 3 processes"),
+                                               (2, 2, r"shard_index 2 is out of range"),
+                                               (-1, 2, "out of range"),
+                                               (0, 0, "shard_count must be >= 1")])
+def test_bad_shard_raises(index, count, match):
+    with pytest.raises(ValueError, match=match):
+        next(data.step_batches(_indexed_images(40), 8, 0, 0, 4, shard_index=index, shard_count=count))

@@ -152,9 +152,10 @@ def test_run_sweep_matches_train_loop_and_writes_results(model, sweep_steps, tmp
     # The preconditioned group (K = 3) runs this module's step of the default mode:
     # traced once for all tests here and every step of the sweep (assert_max_traces).
     real = sweep.jit_sweep_step
-    monkeypatch.setattr(sweep, "jit_sweep_step", lambda config, model_, precondition, mode: (
+    chex.clear_trace_counter()  # run_sweep's inputs are placed on the device mesh: one more trace, then none
+    monkeypatch.setattr(sweep, "jit_sweep_step", lambda config, model_, precondition, mode, **kw: (
         sweep_steps[mode] if (config, model_, precondition) == (CONFIG, model, True)
-        else real(config, model_, precondition, mode)))
+        else real(config, model_, precondition, mode, **kw)))
     train_images, test_images = uint8_images(12, key=5), uint8_images(7, key=6)  # 4 batches per epoch
     step_sizes = [0.01, 0.03, 0.1]
     summary = sweep.run_sweep(CONFIG, step_sizes, ["off", 0.25], str(tmp_path), model=model,

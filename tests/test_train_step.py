@@ -234,3 +234,40 @@ def test_vae_step_improves_elbo_on_a_fixed_batch(setup):
         state, metrics = step(state, x, jax.random.key(i))
         elbos.append(float(metrics["elbo"]))
     assert np.mean(elbos[-5:]) > np.mean(elbos[:5]) + 5  # nats per example
+
+
+def test_lr_warmdown_is_constant_then_linear_to_zero():
+    config = Config(learning_rate=0.3, num_train_steps=10, lr_warmdown=0.3)
+    schedule = ts.learning_rate(config)
+    # n = 3 decaying updates after 7 constant ones: counts 0..9 are the 10 updates.
+    expected = [0.3] * 8 + [0.2, 0.1, 0.0]
+    np.testing.assert_allclose([float(schedule(c)) for c in range(11)], expected, rtol=1e-6, atol=1e-7)
+    assert ts.learning_rate(Config(learning_rate=0.3)) == 0.3  # 0 keeps Adam's plain float lr
+
+
+def test_lr_warmdown_scales_adam_updates():
+    # Adam's first update is -lr * sign(g) (up to eps): with N = 1 and f = 1 the only
+    # update uses the full lr; with N = 4, f = 0.5 the 4th update uses lr / 2.
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = {"w": jnp.array([0.5, -0.25])}
+    for config, count, scale in [(Config(learning_rate=0.1, num_train_steps=1, lr_warmdown=1.0), 0, 1.0),
+                                 (Config(learning_rate=0.1, num_train_steps=4, lr_warmdown=0.5), 3, 0.5)]:
+        opt = optax.adam(ts.learning_rate(config))
+        state = opt.init(params)
+        for _ in range(count):  # advance the schedule's count with zero gradients
+            _, state = opt.update(jax.tree.map(jnp.zeros_like, grads), state)
+        mu, nu = state[0].mu, state[0].nu
+        updates, _ = opt.update(grads, state)
+        b1, b2, k = 0.9, 0.999, count + 1
+        m = jax.tree.map(lambda m, g: (b1 * m + (1 - b1) * g) / (1 - b1 ** k), mu, grads)
+        v = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * g * g) / (1 - b2 ** k), nu, grads)
+        want = jax.tree.map(lambda m, v: -0.1 * scale * m / (jnp.sqrt(v) + 1e-8), m, v)
+        np.testing.assert_allclose(updates["w"], want["w"], rtol=1e-5)
+
+
+def test_lr_warmdown_needs_fixed_step_count():
+    from lpc_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="lr_warmdown.*num_train_steps"):
+        Config(lr_warmdown=0.2).validate()
+    with pytest.raises(ConfigError, match="lr_warmdown"):
+        Config(lr_warmdown=1.5, num_train_steps=10).validate()
