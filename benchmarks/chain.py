@@ -24,8 +24,13 @@ Printed: human-readable rows, then as the LAST line one JSON object:
 * ``train_step_ms_T300``, ``compile_s_T300``: one full train step at T = 300.
 * ``peak_mem_ratio_T1000_vs_T10``: compiled ``memory_analysis()``
   (argument + output + temp bytes) at T = 1000 over T = 10 (compile only).
-* ``sweep_speedup_K8``: 8 sequential single-member steps / one K = 8 sweep step
-  (``lpc_jax.sweep``, default mode), same T; also ``_vmap`` and ``_map`` variants.
+* ``sweep_speedup_K8``: 8 sequential single-member steps / one K = 8 sweep step, same
+  T: the single steps as separate runs make them (one device, the whole CPU: this
+  process), the sweep as ``experiments.sweep`` runs it by default on a CPU, one JAX
+  device per core (``--cpu_devices``), members spread over them, ``lax.map`` on each
+  (a subprocess; ``sweep_K8_cpu_devices_*``, whose ``speedup`` compares with single
+  steps in that subprocess). ``sweep_speedup_K8_1device`` and the ``_vmap`` /
+  ``_map`` variants: both sides on one device.
 * per shape S in ``28x28x1``, ``64x64x3``, from the real ``lpc_train_step`` at T = 10 and
   a longer T (``chain_T_<S>``), the four variants timed in the same rounds:
   ``chain_step_ms_<S>`` (marginal ms per chain step, float32, k = 1);
@@ -226,9 +231,49 @@ def _sweep_section(out: dict, quick: bool, reps: int) -> None:
         _row(f"sweep K=8 {mode}, T={t_sweep} ({grouped} grouped convs)", ms_k, "ms")
         _row(f"sweep_speedup_K8_{mode}", out[f"sweep_speedup_K8_{mode}"])
     out["sequential_K8_ms"] = statistics.median(seq_all)
-    out["sweep_speedup_K8"] = out[f"sweep_speedup_K8_{sweep.resolve_mode(sweep.DEFAULT_MODE)}"]
+    out["sweep_speedup_K8_1device"] = out[f"sweep_speedup_K8_{sweep.resolve_mode(sweep.DEFAULT_MODE)}"]
     out["sweep_default_mode"] = f"{sweep.DEFAULT_MODE} ({sweep.resolve_mode(sweep.DEFAULT_MODE)} here)"
     out["sweep_T"] = t_sweep
+    # experiments.sweep's default on a CPU: one JAX device per core, members spread over them.
+    n = os.cpu_count() or 1
+    code = f"import json; from benchmarks import chain; print('RESULT', json.dumps(chain.sweep_worker({t_sweep}, {reps})))"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAX_NUM_CPU_DEVICES": str(n)},
+                          capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode:
+        raise RuntimeError(f"sweep on {n} CPU devices: {proc.stderr[-2000:]}")
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    out.update({f"sweep_K8_cpu_devices_{k}": v for k, v in result.items()})
+    # Against separate runs as a user starts them: one device, the whole CPU (this process).
+    out["sweep_speedup_K8"] = out["sequential_K8_ms"] / result["sweep_ms"]
+    _row(f"sweep K=8 map on {result['devices']} CPU devices (experiments.sweep default), T={t_sweep}",
+         result["sweep_ms"], "ms")
+    _row(f"8 sequential single steps on one of those devices, T={t_sweep}", result["sequential_ms"], "ms")
+    _row("sweep_speedup_K8 (8 single steps on one whole-CPU device / that sweep step)", out["sweep_speedup_K8"])
+
+
+def sweep_worker(num_steps: int, reps: int) -> dict:
+    """In a process with N CPU devices: K = 8 sweep step spread over them (``member_parallel``,
+    map) against 8 sequential single steps on one device, same T (28x28x1)."""
+    from lpc_jax import distributed
+
+    K = 8
+    config, model, state, x, _ = _setup("fashion_mnist", num_steps=num_steps)
+    key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
+    single = _compile(ts.make_train_step(config, model), state, x, key, hp)[0]
+    placement = distributed.member_parallel(K)
+    keys = jax.random.split(key, K)
+    args = [placement.put_state(a) for a in (sweep.stack_trees([state] * K), keys,
+                                              sweep.stack_hparams(list(np.geomspace(1e-3, 0.5, K)), [0.99] * K))]
+    fn = _compile(sweep.make_sweep_step(config, model, mode="map", mesh=placement.state.mesh),
+                  args[0], x, *args[1:])[0]
+    seq, swp = [], []
+    for _ in range(reps):
+        seq.append(_median_ms(lambda: [single(state, x, k, hp) for k in keys], 1))
+        swp.append(_median_ms(lambda: fn(args[0], x, *args[1:]), 1))
+    ms_seq, ms_k = statistics.median(seq), statistics.median(swp)
+    return {"devices": jax.device_count(), "members_per_device": K // len(placement.state.device_set),
+            "sweep_ms": ms_k, "sequential_ms": ms_seq, "speedup": ms_seq / ms_k}
 
 
 def _kernels(model, x, theta, chain_dtype="float32"):

@@ -110,6 +110,26 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
         time.sleep(0.25)
 
 
+def set_cpu_devices(count: int) -> None:
+    """Splits the host CPU into ``count`` JAX devices (``jax_num_cpu_devices``).
+
+    A sweep's members then run concurrently, K / count per device
+    (:func:`member_parallel`), which on a small CPU uses the cores better than
+    XLA's intra-op threads do for one member at a time (``benchmarks/RESULTS.md``:
+    ``sweep_speedup_K8``); each member's result is unchanged, bit for bit. Only the
+    CPU backend is affected: on a GPU/TPU machine the default devices stay the
+    accelerators.
+
+    Raises:
+      ValueError: ``count < 1``.
+      RuntimeError: JAX's backends have already started (call this right after
+        ``import jax``, before anything touches a device).
+    """
+    if count < 1:
+        raise ValueError(f"cpu_devices={count} is invalid: must be >= 1 (1 = the whole CPU as one device)")
+    jax.config.update("jax_num_cpu_devices", int(count))
+
+
 def initialize(coordinator_address: str | None, num_processes: int = 1, process_id: int = 0,
                timeout_s: int = 300) -> bool:
     """Starts ``jax.distributed`` when the settings ask for more than one process.

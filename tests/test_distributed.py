@@ -279,3 +279,16 @@ def test_single_process_placement():
     assert x.sharding == p.batch and x.shape == (8, 2) and (p.shard_index, p.shard_count) == (0, 1)
     assert distributed.member_devices(6, 4) == 3 and distributed.member_devices(7, 4) == 1
     assert distributed.member_devices(8, 4) == 4 and distributed.member_devices(2, 4) == 2
+
+
+def test_set_cpu_devices_splits_the_cpu_before_the_backend_starts():
+    code = ("import jax\nfrom lpc_jax import distributed\ndistributed.set_cpu_devices(3)\n"
+            "print('DEVICES', jax.device_count())\n"
+            "try:\n    distributed.set_cpu_devices(2)\nexcept RuntimeError as e:\n    print('LATE', 'before' in str(e))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "DEVICES 3" in proc.stdout and "LATE True" in proc.stdout
+    with pytest.raises(ValueError, match="cpu_devices=0 is invalid"):
+        distributed.set_cpu_devices(0)
