@@ -37,14 +37,15 @@ vmap or lax.map
 ``mode="vmap"`` batches the members: every convolution of the decoder and
 encoder becomes a grouped convolution over the member axis
 (``feature_group_count``/``batch_group_count``), which XLA:CPU runs far slower
-than K separate convolutions. ``mode="map"`` (the default) runs the members one
-after another inside the same program (``lax.map``): each member runs exactly
-the single-run computation (results bitwise equal to separate runs in the
-tests), one dispatch per SGD step for all members, cost K single steps. On one
-CPU a batch of 64 already keeps the cores busy, so there is nothing for
-batching members to win; vmap may pay off on an accelerator. ``mode="auto"``
-(the default) picks vmap on GPU/TPU and map on CPU. Measured speeds:
-``python -m benchmarks.chain`` and ``benchmarks/RESULTS.md``.
+than K separate convolutions. ``mode="map"`` runs the members one after
+another inside the same program (``lax.map``): each member runs exactly the
+single-run computation (results bitwise equal to separate runs in the tests),
+one dispatch per SGD step for all members, cost K single steps on one device.
+Batching members wins nothing on a CPU; vmap may pay off on an accelerator.
+``mode="auto"`` (the default) picks vmap on GPU/TPU and map on CPU. What does
+pay on a small CPU is running members concurrently, one JAX device per core
+(``experiments.sweep --cpu_devices``, ``distributed.set_cpu_devices``; below).
+Measured speeds: ``python -m benchmarks.chain`` and ``benchmarks/RESULTS.md``.
 
 Across devices
 --------------
