@@ -236,13 +236,7 @@ def _sweep_section(out: dict, quick: bool, reps: int) -> None:
     out["sweep_T"] = t_sweep
     # experiments.sweep's default on a CPU: one JAX device per core, members spread over them.
     n = os.cpu_count() or 1
-    code = f"import json; from benchmarks import chain; print('RESULT', json.dumps(chain.sweep_worker({t_sweep}, {reps})))"
-    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAX_NUM_CPU_DEVICES": str(n)},
-                          capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if proc.returncode:
-        raise RuntimeError(f"sweep on {n} CPU devices: {proc.stderr[-2000:]}")
-    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    result = _worker(f"sweep_worker({t_sweep}, {reps})", {"JAX_NUM_CPU_DEVICES": str(n)}, f"sweep on {n} CPU devices")
     out.update({f"sweep_K8_cpu_devices_{k}": v for k, v in result.items()})
     # Against separate runs as a user starts them: one device, the whole CPU (this process).
     out["sweep_speedup_K8"] = out["sequential_K8_ms"] / result["sweep_ms"]
@@ -436,17 +430,23 @@ def scaling_worker(steps: int, reps: int) -> dict:
             "params": [np.asarray(a, np.float64).ravel().tolist() for a in jax.tree.leaves(params)]}
 
 
+def _worker(call: str, env: dict, what: str) -> dict:
+    """``chain.<call>`` in a fresh Python process with ``env`` added (device settings
+    must precede JAX's start); returns the dict it prints. RuntimeError names ``what``."""
+    code = f"import json; from benchmarks import chain; print('RESULT', json.dumps(chain.{call}))"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode:
+        raise RuntimeError(f"{what}: {proc.stderr[-2000:]}")
+    return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+
+
 def scaling(out: dict, device_counts: list[int], steps: int, reps: int) -> None:
     """``scaling_worker`` in one subprocess per device count (XLA_FLAGS before jax starts)."""
     ref = None
     for n in device_counts:
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-        code = f"import json; from benchmarks import chain; print('RESULT', json.dumps(chain.scaling_worker({steps}, {reps})))"
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        if proc.returncode:
-            raise RuntimeError(f"{n} devices: {proc.stderr[-2000:]}")
-        result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+        env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        result = _worker(f"scaling_worker({steps}, {reps})", env, f"{n} devices")
         params = {k: np.concatenate([np.asarray(p) for p in result.pop(k)]) for k in ("params_step1", "params")}
         ref = ref or params
         for k, name in (("params_step1", "param_rel_diff_step1_vs_1"), ("params", "param_rel_diff_vs_1")):
