@@ -74,6 +74,13 @@ def _final(rows: list[dict], metric: str, workdir: str) -> float:
     return float(values[-1])
 
 
+def _train_wall_s(workdir: str, summary: dict) -> float | None:
+    """Training seconds summed over a run's resumed segments (``metrics.jsonl``), else the summary's."""
+    rows = [r for r in plotting.cumulative_wall_s(plotting.read_metrics(os.path.join(workdir, "metrics.jsonl")))
+            if "wall_s" in r]
+    return rows[-1]["wall_s"] if rows else summary.get("train_wall_s_this_run")
+
+
 def mean_sd(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     values = np.asarray(values, np.float64)
@@ -86,7 +93,7 @@ def table_markdown(runs: list[tuple[str, str]], eval_file: str = "eval.json") ->
     for label, workdir in runs:
         result = _read_json(workdir, eval_file)
         summary = _read_json(workdir, "summary.json")
-        result["train_wall_s"] = summary.get("train_wall_s_this_run")
+        result["train_wall_s"] = _train_wall_s(workdir, summary)
         groups[label].append(result)
     keys = [k for k in TABLE_KEYS if any(k in r for rs in groups.values() for r in rs)]
     lines = ["| run | seeds | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]

@@ -68,6 +68,26 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
+def cumulative_wall_s(rows: list[dict]) -> list[dict]:
+    """Rows with ``wall_s`` made cumulative over resumed segments of one run.
+
+    Each invocation of a run restarts its clock, and a resumed run's log keeps the
+    rows up to its checkpoint, so ``wall_s`` drops where a segment begins. Every
+    segment is shifted by the last ``wall_s`` of the segments before it (seconds;
+    the time between that row and the kill is not counted). Rows without
+    ``wall_s`` are returned unchanged; the input is not modified.
+    """
+    out, offset, last = [], 0.0, None
+    for row in rows:
+        if "wall_s" in row:
+            if last is not None and row["wall_s"] < last:
+                offset += last
+            last = row["wall_s"]
+            row = {**row, "wall_s": row["wall_s"] + offset}
+        out.append(row)
+    return out
+
+
 def plot_curves(rows: list[dict], path: str, keys: tuple[str, ...] | None = None, x_key: str = "step") -> str:
     """One panel per metric key against ``x_key``; writes a PNG and returns its path."""
     rows = [r for r in rows if x_key in r]
@@ -168,7 +188,7 @@ def plot_metric_curves(runs: dict[str, list[dict]], path: str, metric: str = "fd
     Raises:
       ValueError: no run has a row with ``metric``.
     """
-    curves = {label: [r for r in rows if metric in r] for label, rows in runs.items()}
+    curves = {label: [r for r in cumulative_wall_s(rows) if metric in r] for label, rows in runs.items()}
     if not any(curves.values()):
         raise ValueError(f"no run logged {metric!r}; train with fd_every > 0")
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=True)

@@ -48,6 +48,21 @@ def test_table_groups_repeated_labels_as_seeds(tmp_path):
     assert "| 1 |" in vae and "| 40 |" in vae
 
 
+def test_cumulative_wall_s_adds_resumed_segments():
+    # segment 1 logged up to 30 s; the resumed segment restarts its clock at 0
+    rows = [{"step": 1, "wall_s": 10.0}, {"step": 2}, {"step": 3, "wall_s": 30.0},
+            {"step": 4, "wall_s": 5.0}, {"step": 5, "wall_s": 12.0}, {"step": 6, "wall_s": 2.0}]
+    out = plotting.cumulative_wall_s(rows)
+    assert [r.get("wall_s") for r in out] == [10.0, None, 30.0, 35.0, 42.0, 44.0]
+    assert rows[3]["wall_s"] == 5.0  # input untouched
+
+
+def test_table_wall_clock_sums_resumed_segments(tmp_path):
+    rows = [{"step": 1, "wall_s": 40.0}, {"step": 2, "wall_s": 3.0}, {"step": 3, "wall_s": 20.0}]
+    text = figures.table_markdown([("LPC", _run(tmp_path, "r", {"fd_fmnist": 1.0, "step": 3}, wall=20.0, rows=rows))])
+    assert text.splitlines()[-1].endswith("| 60 |")
+
+
 def test_table_needs_eval_json(tmp_path):
     (tmp_path / "r").mkdir()
     with pytest.raises(FileNotFoundError, match="eval.json"):
