@@ -2,6 +2,7 @@
 
     python -m benchmarks.likelihood              # both shapes, 9 interleaved rounds
     python -m benchmarks.likelihood --rounds 15
+    python -m benchmarks.likelihood --chain      # also the real train step's chain, old vs new
 
 Measures, for Fashion-MNIST's shape (64, 28, 28, 1) and CelebA's (64, 64, 64, 3), the
 milliseconds of one jitted ``value_and_grad`` of sum_b log p(x_b | mean_b, scale) w.r.t.
@@ -17,8 +18,14 @@ rounds of the best of ``--calls`` calls. Standalone calls also pay for their tem
 buffers (fresh pages every call); inside the chain's loop those are allocated once, so
 use ``benchmarks.chain`` for the cost per chain step.
 
+``--chain`` also compiles ``benchmarks.chain``'s real ``lpc_train_step`` (Jeffreys,
+preconditioned, batch 64) at its two chain lengths per shape, traced once with each
+formulation, and times the four programs in the same rounds: the marginal ms per chain
+step, old and new.
+
 Printed: one row per shape and formulation, the ratio new / old, then as the LAST line
-one JSON object: ``{shape}_old_ms``, ``{shape}_new_ms``, ``{shape}_ratio``, ``device``.
+one JSON object: ``{shape}_old_ms``, ``{shape}_new_ms``, ``{shape}_ratio``, with
+``--chain`` ``chain_step_ms_{old,new}_{shape}`` and ``chain_step_ratio_{shape}``, and ``device``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from benchmarks import chain as bc
-from lpc_jax import likelihoods
+from lpc_jax import langevin, likelihoods
 
 Array = jax.Array
 
@@ -185,10 +192,46 @@ def _time(programs: dict, args, rounds: int, calls: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _chain_programs(shape: str, log_prob) -> tuple[dict, tuple]:
+    """The real train step (``benchmarks.chain``'s setting) at its two chain lengths, traced
+    with ``log_prob`` as the discretised likelihood."""
+    config, model, state, x, _ = bc._setup(bc.SHAPES[shape])
+    key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
+    saved = likelihoods.discretized_gaussian_log_prob
+    likelihoods.discretized_gaussian_log_prob = log_prob  # looked up when the step is traced
+    try:
+        programs = {T: bc._compile(bc._step_of(config, model, num_steps=T), state, x, key, hp)[0]
+                    for T in bc.CHAIN_T[shape]}
+    finally:
+        likelihoods.discretized_gaussian_log_prob = saved
+    return programs, (state, x, key, hp)
+
+
+def chain_section(out: dict, shape: str, rounds: int) -> None:
+    """Marginal ms per chain step of the real train step, old vs new likelihood, same rounds."""
+    t_short, t_long = bc.CHAIN_T[shape]
+    programs, args = {}, None
+    for name, f in (("old", _reference), ("new", likelihoods.discretized_gaussian_log_prob)):
+        compiled, args = _chain_programs(shape, f)
+        for T, fn in compiled.items():
+            jax.block_until_ready(fn(*args))
+            programs[name, T] = fn
+    ms = _time(programs, args, rounds, 1)
+    marginal = {name: (ms[name, t_long] - ms[name, t_short]) / (t_long - t_short) for name in ("old", "new")}
+    print(f"{shape}  real train step, marginal ms per chain step (T = {t_short} vs {t_long})")
+    for name in ("old", "new"):
+        print(f"  {name:<4} {marginal[name]:9.3f} ms")
+    print(f"  new / old {marginal['new'] / marginal['old']:9.3f}")
+    out.update({f"chain_step_ms_old_{shape}": marginal["old"], f"chain_step_ms_new_{shape}": marginal["new"],
+                f"chain_step_ratio_{shape}": marginal["new"] / marginal["old"]})
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--chain", action="store_true",
+                   help="also time the real train step's chain with each formulation (a few minutes)")
     args = p.parse_args(argv)
     out = {}
     for shape in ("28x28x1", "64x64x3"):
@@ -203,6 +246,9 @@ def main(argv=None) -> dict:
             print(f"  {name:<4} {ms[name]:9.3f} ms")
         print(f"  new / old {ms['new'] / ms['old']:9.3f}")
         out.update({f"{shape}_old_ms": ms["old"], f"{shape}_new_ms": ms["new"], f"{shape}_ratio": ms["new"] / ms["old"]})
+    if args.chain:
+        for shape in ("28x28x1", "64x64x3"):
+            chain_section(out, shape, max(3, args.rounds // 2))
     out["device"] = str(jax.devices()[0].device_kind)
     print(json.dumps(out))
     return out
