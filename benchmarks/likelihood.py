@@ -44,19 +44,13 @@ from lpc_jax import langevin, likelihoods
 
 Array = jax.Array
 
-# --- the previous formulation, verbatim (lpc_jax/likelihoods.py before this change) ---
+# --- the previous formulation, verbatim (lpc_jax/likelihoods.py before this change), but for
+# the helpers and constants the module still has, which it takes from there ---
 
-_HALF_BIN = 1.0 / 255.0
-# float32(log(2 pi)) as a literal: jnp at import time would start the XLA backend before
-# jax.distributed.initialize could run (lpc_jax/distributed.py).
-_LOG_2PI = 1.8378770351409912
-_SQRT_HALF = 0.7071067811865476
+_HALF_BIN, _SQRT_HALF, _LOG_2PI = likelihoods._HALF_BIN, likelihoods._SQRT_HALF, likelihoods._LOG_2PI
+_sum_event, _unbroadcast = likelihoods._sum_event, likelihoods._unbroadcast
 _LOG_SQRT_2PI = 0.5 * _LOG_2PI
 _LOG_NDTR_LOWER = -10.0  # as jax.scipy.special.log_ndtr for float32
-
-
-def _sum_event(x: Array) -> Array:
-    return x.reshape(x.shape[0], -1).sum(-1)
 
 
 def _log_ndtr_and_hazard(x: Array) -> tuple[Array, Array]:
@@ -132,13 +126,6 @@ def _discretized_log_mass_bwd(res, g):
 
 
 _discretized_log_mass.defvjp(_discretized_log_mass_fwd, _discretized_log_mass_bwd)
-
-
-def _unbroadcast(g: Array, shape: tuple[int, ...]) -> Array:
-    """Sums a cotangent of the broadcast shape down to an operand's ``shape``."""
-    lead = g.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
-    return g.sum(axes, keepdims=True).reshape(shape) if axes else g
 
 
 def _reference(x: Array, mean: Array, log_scale: Array) -> Array:
