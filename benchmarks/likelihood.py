@@ -31,6 +31,8 @@ one JSON object: ``{shape}_old_ms``, ``{shape}_new_ms``, ``{shape}_ratio``, with
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import time
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from benchmarks import chain as bc
-from lpc_jax import langevin, likelihoods
+from lpc_jax import likelihoods
 
 Array = jax.Array
 
@@ -179,32 +181,12 @@ def _time(programs: dict, args, rounds: int, calls: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _chain_programs(shape: str, log_prob) -> tuple[dict, tuple]:
-    """The real train step (``benchmarks.chain``'s setting) at its two chain lengths, traced
-    with ``log_prob`` as the discretised likelihood."""
-    config, model, state, x, _ = bc._setup(bc.SHAPES[shape])
-    key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
-    saved = likelihoods.discretized_gaussian_log_prob
-    likelihoods.discretized_gaussian_log_prob = log_prob  # looked up when the step is traced
-    try:
-        programs = {T: bc._compile(bc._step_of(config, model, num_steps=T), state, x, key, hp)[0]
-                    for T in bc.CHAIN_T[shape]}
-    finally:
-        likelihoods.discretized_gaussian_log_prob = saved
-    return programs, (state, x, key, hp)
-
-
 def chain_section(out: dict, shape: str, rounds: int) -> None:
     """Marginal ms per chain step of the real train step, old vs new likelihood, same rounds."""
+    marginal = bc.chain_step_ms_by_formulation(shape, {
+        "old": functools.partial(bc.swapped, likelihoods, "discretized_gaussian_log_prob", _reference),
+        "new": contextlib.nullcontext}, rounds)
     t_short, t_long = bc.CHAIN_T[shape]
-    programs, args = {}, None
-    for name, f in (("old", _reference), ("new", likelihoods.discretized_gaussian_log_prob)):
-        compiled, args = _chain_programs(shape, f)
-        for T, fn in compiled.items():
-            jax.block_until_ready(fn(*args))
-            programs[name, T] = fn
-    ms = _time(programs, args, rounds, 1)
-    marginal = {name: (ms[name, t_long] - ms[name, t_short]) / (t_long - t_short) for name in ("old", "new")}
     print(f"{shape}  real train step, marginal ms per chain step (T = {t_short} vs {t_long})")
     for name in ("old", "new"):
         print(f"  {name:<4} {marginal[name]:9.3f} ms")

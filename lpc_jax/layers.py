@@ -43,13 +43,11 @@ in loops), with the large operand always the convolution's lhs:
 * a transposed conv's input gradient is the plain strided conv of the cotangent
   with the flipped, in/out-swapped kernel (PyTorch's Conv2d / ConvTranspose2d
   duality);
-* a kernel gradient with at least ``_TAP_MATMUL_MIN_CHANNELS`` lhs channels is one
-  matmul per kernel tap, contracting (batch x output pixels); otherwise it is
-  one conv with the batch as the contracted feature axis:
-  the larger operand (input for Conv, cotangent for ConvTranspose)
-  space-to-depth'ed by the stride (so the window is undilated) and laid out
-  (C * s * s, H / s, W / s, batch), the other laid out (H, W, batch, C') as the
-  "kernel"; the (C * s * s, k / s, k / s, C') result is reshuffled to (k, k, in, out);
+* a kernel gradient is one matmul contracting (batch x output pixels): the larger
+  operand (input for Conv, cotangent for ConvTranspose) space-to-depth'ed by the
+  stride, so every tap is an undilated shift, against the zero-padded shifts of the
+  other operand side by side; on small maps, where that padding would cost more
+  than the copies it saves, one matmul per kernel tap;
 * a transposed conv on a 1x1 input and a conv with a 1x1 output are matmuls
   (plain autodiff).
 
@@ -82,7 +80,7 @@ Array = jax.Array
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _SUBPIXEL_MAX_CHANNELS = 16  # one combined conv when s * s * out <= this, else one conv per phase
-_TAP_MATMUL_MIN_CHANNELS = 16  # kernel gradient as one matmul per tap from this many lhs channels
+_PHASE_MAX_PAD_RATIO = 1.5  # kernel gradient in phase form unless its padding adds more than this
 
 
 # --------------------------------------------------------------------------- helpers
@@ -174,29 +172,36 @@ def _conv_transpose(x: Array, w: Array, s: int, p: int, extra: tuple[int, int] =
 def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
     """``D[i, j] = sum_{n, u, v} a[n, s*u + i, s*v + j, :]^T g[n, u, v, :]`` for i, j < k.
 
-    With ``C_a >= _TAP_MATMUL_MIN_CHANNELS``: one matmul per tap (i, j), the strided
-    slice of ``a`` as (N U V, C_a) against ``g`` as (N U V, C_g), contracting the long
-    axis. Otherwise one canonical forward conv with the batch as the contracted
-    feature axis: ``a`` space-to-depth'ed by ``s`` and laid out
-    (C_a * s * s, H / s, W / s, N), ``g`` laid out (U, V, N, C_g) as the kernel.
-    Returns (k, k, C_a, C_g).
+    Phase form (one matmul): write the tap as (i, j) = (s*d_h + r_h, s*d_w + r_w) with
+    d < kk = ceil(k / s), r < s. Then ``D[i, j] = sum_{n, p, q} a_r[n, p, q]^T
+    g[n, p - d_h, q - d_w]`` with ``a_r = a[:, r_h::s, r_w::s]`` and ``g`` zero outside
+    its (U, V) window, so ``a`` space-to-depth'ed to (N P Q, s s C_a) against the kk^2
+    zero-padded shifts of ``g`` side by side, (N P Q, kk kk C_g), is the whole
+    gradient, (P, Q) = (U + kk - 1, V + kk - 1). It copies ``a`` once, where one matmul
+    per tap copies a strided slice of ``a`` per tap (k^2 copies, most of that path's
+    time on XLA:CPU), but it multiplies the (P Q) / (U V) padding: on small maps,
+    where that exceeds ``_PHASE_MAX_PAD_RATIO``, one matmul per tap (i, j), the strided
+    slice of ``a`` as (N U V, C_a) against ``g`` as (N U V, C_g). Returns
+    (k, k, C_a, C_g).
     """
     n, ha, wa, ca = a.shape
     _, u, v, cg = g.shape
-    if ca >= _TAP_MATMUL_MIN_CHANNELS:
+    kk = -(-k // s)
+    hp, wp = u - 1 + kk, v - 1 + kk
+    if hp * wp > _PHASE_MAX_PAD_RATIO * u * v:
         a = _pad_hw(a, (0, max(0, s * (u - 1) + k - ha)), (0, max(0, s * (v - 1) + k - wa)))
         g2 = g.reshape(n * u * v, cg)
         taps = [lax.slice(a, (0, i, j, 0), (n, i + s * (u - 1) + 1, j + s * (v - 1) + 1, ca), (1, s, s, 1))
                 for i in range(k) for j in range(k)]
         dots = [lax.dot_general(t.reshape(n * u * v, ca), g2, (((0,), (0,)), ((), ()))) for t in taps]
         return jnp.stack(dots).reshape(k, k, ca, cg)
-    kk = -(-k // s)
-    hs, ws = u - 1 + kk, v - 1 + kk
-    a = _pad_hw(a, (0, s * hs - ha), (0, s * ws - wa))
-    lhs = a.reshape(n, hs, s, ws, s, ca).transpose(5, 2, 4, 1, 3, 0).reshape(ca * s * s, hs, ws, n)
-    out = _conv(lhs, g.transpose(1, 2, 0, 3))  # (ca * s * s, kk, kk, cg)
-    out = out.reshape(ca, s, s, kk, kk, cg).transpose(3, 1, 4, 2, 0, 5).reshape(kk * s, kk * s, ca, cg)
-    return out[:k, :k]
+    a = _pad_hw(a, (0, s * hp - ha), (0, s * wp - wa))  # negative: rows no tap reaches
+    a = a.reshape(n, hp, s, wp, s, ca).transpose(0, 1, 3, 2, 4, 5).reshape(n * hp * wp, s * s * ca)
+    shifts = [_pad_hw(g, (d_h, hp - u - d_h), (d_w, wp - v - d_w)) for d_h in range(kk) for d_w in range(kk)]
+    gs = jnp.concatenate(shifts, axis=-1).reshape(n * hp * wp, kk * kk * cg)
+    d = lax.dot_general(a, gs, (((0,), (0,)), ((), ())))  # (r_h, r_w, C_a) x (d_h, d_w, C_g)
+    d = d.reshape(s, s, ca, kk, kk, cg).transpose(3, 0, 4, 1, 2, 5).reshape(kk * s, kk * s, ca, cg)
+    return d[:k, :k]
 
 
 # --------------------------------------------------------------------------- vmap rules

@@ -261,3 +261,25 @@ def test_vmap_rule_off_cpu(monkeypatch):
     exercised here by pretending the backend is not the CPU."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     test_vmap("conv", (64, 3, 2, 1), (2, 3, 3, 64))
+
+
+@pytest.mark.parametrize("s,k,u,v", [
+    (2, 4, 16, 16),  # phase form: (P Q) / (U V) = 289 / 256
+    (2, 4, 3, 3),  # one matmul per tap: 16 / 9 > layers._PHASE_MAX_PAD_RATIO
+    (1, 3, 12, 12),  # stride 1: nine shifts of g, no space-to-depth
+    (2, 3, 7, 5),  # k not a multiple of s: the phase form's extra taps are cropped
+    (3, 2, 6, 4),  # stride > kernel: taps that exist for no phase
+])
+def test_kernel_grad_is_its_defining_sum(s, k, u, v):
+    """``_kernel_grad(a, g)[i, j] = sum_{n,u,v} a[n, s u + i, s v + j]^T g[n, u, v]``, by numpy,
+    with ``a`` one row and column longer than any tap reaches (the phase form crops them)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, s * (u - 1) + k + 1, s * (v - 1) + k + 1, 5)).astype(np.float32)
+    g = rng.normal(size=(3, u, v, 4)).astype(np.float32)
+    expected = np.zeros((k, k, 5, 4))
+    for i in range(k):
+        for j in range(k):
+            window = a[:, i: i + s * (u - 1) + 1: s, j: j + s * (v - 1) + 1: s]
+            expected[i, j] = np.einsum("nuva,nuvb->ab", window.astype(np.float64), g.astype(np.float64))
+    actual = jax.jit(layers._kernel_grad, static_argnums=(2, 3))(a, g, s, k)
+    _assert_close(actual, expected)
