@@ -33,10 +33,14 @@ Printed: human-readable rows, then as the LAST line one JSON object:
   ``_map`` variants: both sides on one device.
 * per shape S in ``28x28x1``, ``64x64x3``, from the real ``lpc_train_step`` at T = 10 and
   a longer T (``chain_T_<S>``), the four variants timed in the same rounds:
-  ``chain_step_ms_<S>`` (marginal ms per chain step, float32, k = 1);
-  ``chain_step_ratio_{bf16,k2,k5}_<S>``: the marginal cost of ``chain_dtype=bfloat16``,
-  ``theta_grad_every=2``, ``=5`` over it; ``chain_step_gflop_<S>`` (XLA cost analysis of
-  one kernel step: joint VJP w.r.t. (theta, z) and update) and ``_zonly_<S>`` (VJP
+  ``chain_step_ms_1device_<S>`` (marginal ms per chain step, float32, k = 1, this
+  process: one device, the whole CPU); ``chain_step_ratio_{bf16,k2,k5}_<S>``: the
+  marginal cost of ``chain_dtype=bfloat16``, ``theta_grad_every=2``, ``=5`` over it;
+  ``chain_step_ms_<S>``: float32, k = 1, as the launchers run it, on a multi-core CPU
+  one JAX device per core with the batch sharded over them (``--cpu_devices``; a
+  subprocess, after the variants), else the one-device figure;
+  ``chain_step_speedup_cpu_devices_<S>`` = one device / that; ``chain_step_gflop_<S>``
+  (XLA cost analysis of one kernel step: joint VJP w.r.t. (theta, z) and update) and ``_zonly_<S>`` (VJP
   w.r.t. z only); ``chain_gflops_<S>`` = flop per step / measured seconds per step;
   ``chain_gflops`` is the 28x28x1 one.
 * ``theta_grad_every_5_{cond,scans,joint,zonly}_ms``: the chain alone (28x28x1, T = 40,
@@ -53,8 +57,9 @@ reverse KL 0.533 s, LPC Jeffreys 0.798 s per batch, x24 and x36).
 ``--devices[=1,2,4]``: the single run's data-parallel train step (``train.make_group``:
 batch 64 sharded over the devices, state replicated; the main job's settings, T = 3)
 in one subprocess per device count with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
-(forced CPU devices share the same cores: this checks correctness and overhead, not
-speed-up). ``scaling_<N>``: ``devices``, ``steps_per_s`` (median of ``--device_reps``
+(CPU devices share the host's cores: up to one per core this is the speed-up the
+launchers' ``--cpu_devices`` default gets, beyond it only correctness and overhead).
+``scaling_<N>``: ``devices``, ``steps_per_s`` (median of ``--device_reps``
 blocks of ``--device_steps`` steps, each step's metrics fetched as the loop does),
 ``compile_s``; ``param_rel_diff_step1_vs_1`` and ``param_rel_diff_vs_1`` =
 ||params_N - params_1|| / ||params_1|| (all parameters, L2) after the first step and
@@ -66,7 +71,9 @@ params on one device grows to ~10% in 60 steps).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -78,7 +85,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpc_jax import data, langevin, sweep
+from lpc_jax import data, distributed, langevin, sweep
 from lpc_jax import train_step as ts
 from lpc_jax.config import Config
 
@@ -159,6 +166,41 @@ def _interleaved_ms(programs: dict, reps: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+@contextlib.contextmanager
+def swapped(module, name: str, value):
+    """``module.name = value`` for the duration (a formulation under test, looked up at trace time)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def chain_step_ms_by_formulation(shape: str, formulations: dict, rounds: int) -> dict:
+    """Marginal ms per chain step of the real ``lpc_train_step`` for each formulation.
+
+    ``formulations`` maps a name to a zero-argument context-manager factory entered while
+    the step is traced (e.g. ``functools.partial(swapped, module, name, value)``;
+    ``contextlib.nullcontext`` for the library as it is). The step (Jeffreys,
+    preconditioned, batch 64) is compiled at both ``CHAIN_T[shape]`` lengths per
+    formulation, and all programs are timed in the same ``rounds`` interleaved rounds.
+    Returns {name: ms}: (median ms at T_long - median ms at T_short) / (T_long - T_short).
+    """
+    config, model, state, x, _ = _setup(SHAPES[shape])
+    key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
+    programs = {}
+    for name, formulation in formulations.items():
+        for num_steps in CHAIN_T[shape]:
+            with formulation():
+                fn, _ = _compile(_step_of(config, model, num_steps=num_steps), state, x, key, hp)
+            programs[name, num_steps] = functools.partial(fn, state, x, key, hp)
+            jax.block_until_ready(programs[name, num_steps]())
+    ms = _interleaved_ms(programs, rounds)
+    t_short, t_long = CHAIN_T[shape]
+    return {name: (ms[name, t_long] - ms[name, t_short]) / (t_long - t_short) for name in formulations}
+
+
 def _lpc_section(out: dict, quick: bool, reps: int) -> None:
     """Standalone grad, train step at T_small and T = 300, memory at T = 10 / 1000 (28x28x1)."""
     t_small, reps_long = (10, 1) if quick else (20, 3)
@@ -235,7 +277,7 @@ def _sweep_section(out: dict, quick: bool, reps: int) -> None:
     out["sweep_default_mode"] = f"{sweep.DEFAULT_MODE} ({sweep.resolve_mode(sweep.DEFAULT_MODE)} here)"
     out["sweep_T"] = t_sweep
     # experiments.sweep's default on a CPU: one JAX device per core, members spread over them.
-    n = os.cpu_count() or 1
+    n = distributed.cpu_devices_for(0)
     result = _worker(f"sweep_worker({t_sweep}, {reps})", {"JAX_NUM_CPU_DEVICES": str(n)}, f"sweep on {n} CPU devices")
     out.update({f"sweep_K8_cpu_devices_{k}": v for k, v in result.items()})
     # Against separate runs as a user starts them: one device, the whole CPU (this process).
@@ -249,8 +291,6 @@ def _sweep_section(out: dict, quick: bool, reps: int) -> None:
 def sweep_worker(num_steps: int, reps: int) -> dict:
     """In a process with N CPU devices: K = 8 sweep step spread over them (``member_parallel``,
     map) against 8 sequential single steps on one device, same T (28x28x1)."""
-    from lpc_jax import distributed
-
     K = 8
     config, model, state, x, _ = _setup("fashion_mnist", num_steps=num_steps)
     key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
@@ -268,6 +308,25 @@ def sweep_worker(num_steps: int, reps: int) -> dict:
     ms_seq, ms_k = statistics.median(seq), statistics.median(swp)
     return {"devices": jax.device_count(), "members_per_device": K // len(placement.state.device_set),
             "sweep_ms": ms_k, "sequential_ms": ms_seq, "speedup": ms_seq / ms_k}
+
+
+def data_parallel_worker(shape: str, reps: int) -> dict:
+    """In a process with N CPU devices: the marginal ms per chain step of the real train step
+    as the launchers run it there, the batch sharded over the N devices (``train.make_group``'s
+    ``distributed.data_parallel`` placement), T = ``CHAIN_T[shape]``."""
+    config, model, state, x, _ = _setup(SHAPES[shape])
+    key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
+    placement = distributed.data_parallel(config.batch_size)
+    state, x = placement.put_state(state), jax.device_put(x, placement.batch)
+    programs = {}
+    for num_steps in CHAIN_T[shape]:
+        fn = jax.jit(_step_of(config, model, num_steps=num_steps),
+                     out_shardings=(placement.state, placement.replicated)).lower(state, x, key, hp).compile()
+        programs[num_steps] = functools.partial(fn, state, x, key, hp)
+        jax.block_until_ready(programs[num_steps]())
+    ms = _interleaved_ms(programs, reps)
+    t_short, t_long = CHAIN_T[shape]
+    return {"devices": jax.device_count(), "chain_step_ms": (ms[t_long] - ms[t_short]) / (t_long - t_short)}
 
 
 def _kernels(model, x, theta, chain_dtype="float32"):
@@ -308,7 +367,17 @@ def _variants_section(out: dict, shape: str, reps: int) -> None:
         _row(f"{shape} {name}: T={t_short} / T={t_long}", f"{ms[name, t_short]:.1f} / {ms[name, t_long]:.1f}", "ms")
         _row(f"{shape} {name}: chain step (marginal)", marginal[name], "ms")
     out[f"chain_T_{shape}"] = [t_short, t_long]
-    out[f"chain_step_ms_{shape}"] = marginal["float32"]
+    out[f"chain_step_ms_1device_{shape}"] = out[f"chain_step_ms_{shape}"] = marginal["float32"]
+    # The launchers' default on a CPU: one JAX device per core, the batch sharded over them.
+    n = distributed.cpu_devices_for(0, config.batch_size)
+    if n > 1:
+        result = _worker(f"data_parallel_worker({shape!r}, {reps})", {"JAX_NUM_CPU_DEVICES": str(n)},
+                         f"data-parallel chain on {n} CPU devices")
+        out[f"chain_step_ms_{shape}"] = result["chain_step_ms"]
+        out[f"chain_step_speedup_cpu_devices_{shape}"] = marginal["float32"] / result["chain_step_ms"]
+        _row(f"{shape} float32 on {n} CPU devices, batch sharded (the launchers' default)", result["chain_step_ms"],
+             "ms")
+        _row(f"chain_step_speedup_cpu_devices_{shape}", out[f"chain_step_speedup_cpu_devices_{shape}"])
     for name in VARIANTS:
         out[f"chain_step_ms_{name}_{shape}"] = marginal[name]
         if name != "float32":
@@ -316,7 +385,7 @@ def _variants_section(out: dict, shape: str, reps: int) -> None:
             _row(f"chain_step_ratio_{name}_{shape}", out[f"chain_step_ratio_{name}_{shape}"])
     joint, zonly = _chain_step_gflop(model, state, x, hp)
     out[f"chain_step_gflop_{shape}"], out[f"chain_step_gflop_zonly_{shape}"] = joint, zonly
-    out[f"chain_gflops_{shape}"] = joint / (marginal["float32"] / 1e3)
+    out[f"chain_gflops_{shape}"] = joint / (out[f"chain_step_ms_{shape}"] / 1e3)
     _row(f"{shape}: GFLOP per chain step (joint / z-only)", f"{joint:.3f} / {zonly:.3f}")
     _row(f"chain_gflops_{shape}", out[f"chain_gflops_{shape}"], "GFLOP/s")
 
@@ -394,7 +463,7 @@ def table4(out: dict, reps: int) -> None:
 def scaling_worker(steps: int, reps: int) -> dict:
     """In a process with N (forced) devices: steps/s of ``train.make_group``'s step, the main job's settings."""
     from experiments.fashion_mnist import DEFAULTS
-    from lpc_jax import distributed, loop, train
+    from lpc_jax import loop, train
 
     config = Config(**{**DEFAULTS, "batch_size": 64})
     model = ts.build_model(config)
@@ -457,8 +526,8 @@ def scaling(out: dict, device_counts: list[int], steps: int, reps: int) -> None:
         _row(f"{n} forced CPU device(s): |params - params(1 device)| / |params|, step 1",
              result["param_rel_diff_step1_vs_1"])
         _row(f"{n} forced CPU device(s): the same after {result['steps']} steps", result["param_rel_diff_vs_1"])
-    out["scaling_note"] = ("forced CPU devices share this machine's cores: correctness and overhead, "
-                           "not speed-up")
+    out["scaling_note"] = (f"CPU devices share this machine's {distributed.cpu_devices_for(0)} core(s): "
+                           "speed-up up to one device per core, beyond it correctness and overhead only")
 
 
 def main(argv=None) -> dict:

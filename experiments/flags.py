@@ -31,7 +31,7 @@ def _flag_type(hint) -> type:
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
-    """Defines ``--<field>`` for every Config field, and ``--workdir``, in ``flag_values``.
+    """Defines ``--<field>`` for every Config field, ``--workdir`` and ``--cpu_devices`` in ``flag_values``.
 
     A field with ``choices`` becomes an enum flag; otherwise the field's type
     picks the flag type (``bool`` gives ``--field``/``--nofield``). A second
@@ -49,6 +49,11 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
             _DEFINE[_flag_type(hints[f.name])](f.name, f.default, help_text, flag_values=flag_values)
     flags.DEFINE_string("workdir", None, "Output directory; rerun with the same one to resume. "
                         "Default: runs/<dataset>_<algorithm>.", flag_values=flag_values)
+    flags.DEFINE_integer("cpu_devices", 0, "Split the host CPU into this many JAX devices: a single run shards "
+                         "its batch over them (data parallel), a sweep spreads its members over them. 0 = one "
+                         "per CPU core (for a single run, the most that divide --batch_size), 1 = the whole CPU "
+                         "as one device. No effect on GPU/TPU, whose devices are used as they are.",
+                         lower_bound=0, flag_values=flag_values)
 
 
 def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> Config:

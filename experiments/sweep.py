@@ -18,8 +18,6 @@ size, log axis, one line per decay) and ``sweep_metrics.jsonl``.
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 
 from experiments import flags as lpc_flags
@@ -34,9 +32,6 @@ flags.DEFINE_string("metric", "elbo", f"Metric to rank and plot: one of {sorted(
 flags.DEFINE_enum("sweep_mode", sweep.DEFAULT_MODE, list(sweep.MODES),
                   "How a device runs its members: vmap (batched), map (lax.map, one after another) or auto "
                   "(vmap on GPU/TPU, map on CPU). The members are spread over all local devices either way.")
-flags.DEFINE_integer("cpu_devices", 0, "Split the host CPU into this many JAX devices so that members run "
-                     "concurrently (members per device = K / devices); 0 = one per CPU core, 1 = one device. "
-                     "No effect on GPU/TPU, whose devices are used as they are.", lower_bound=0)
 lpc_flags.define_flags()  # the launchers' flags, so that importing this module gives the whole command line
 
 FLAGS = flags.FLAGS
@@ -95,7 +90,7 @@ def parse_sweep_flags():
 def main() -> None:
     config, step_sizes, decays, metric = parse_sweep_flags()
     workdir = lpc_flags.workdir_from_flags(config, run_name="sweep")
-    distributed.set_cpu_devices(FLAGS.cpu_devices or os.cpu_count() or 1)  # before any device is touched
+    distributed.set_cpu_devices(distributed.cpu_devices_for(FLAGS.cpu_devices))  # before any device is touched
     launch.init_distributed(config)  # a sweep runs in one process: more are refused with a message
     try:
         summary = sweep.run_sweep(config, step_sizes, decays, workdir, metric=metric, mode=FLAGS.sweep_mode)

@@ -34,6 +34,7 @@ a global batch not divisible by the device count, a process id outside
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import Any, NamedTuple
@@ -113,12 +114,13 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
 def set_cpu_devices(count: int) -> None:
     """Splits the host CPU into ``count`` JAX devices (``jax_num_cpu_devices``).
 
-    A sweep's members then run concurrently, K / count per device
-    (:func:`member_parallel`), which on a small CPU uses the cores better than
-    XLA's intra-op threads do for one member at a time (``benchmarks/RESULTS.md``:
-    ``sweep_speedup_K8``); each member's result is unchanged, bit for bit. Only the
-    CPU backend is affected: on a GPU/TPU machine the default devices stay the
-    accelerators.
+    A single run then shards its batch over them (:func:`data_parallel`), a sweep runs
+    its members concurrently, K / count per device (:func:`member_parallel`): on a
+    small CPU both use the cores better than XLA's intra-op threads do for one
+    program (``benchmarks/RESULTS.md``: ``sweep_speedup_K8``, ``chain_step_ms_*``).
+    A sweep member's result is unchanged, bit for bit; a data-parallel run's equals a
+    one-device run's up to float32 summation order. Only the CPU backend is
+    affected: on a GPU/TPU machine the default devices stay the accelerators.
 
     Raises:
       ValueError: ``count < 1``.
@@ -128,6 +130,37 @@ def set_cpu_devices(count: int) -> None:
     if count < 1:
         raise ValueError(f"cpu_devices={count} is invalid: must be >= 1 (1 = the whole CPU as one device)")
     jax.config.update("jax_num_cpu_devices", int(count))
+
+
+def cpu_devices_for(requested: int, batch_size: int | None = None, num_processes: int = 1,
+                    cores: int | None = None) -> int:
+    """How many JAX devices :func:`set_cpu_devices` should split this host's CPU into.
+
+    Args:
+      requested: ``--cpu_devices``; >= 1 is returned as it is, 0 asks for one per core.
+      batch_size: a single run's global batch, which :func:`data_parallel` splits evenly
+        over ``num_processes`` x the devices of each; None (a sweep, which places its
+        members itself) takes all ``cores``.
+      num_processes: processes in the run.
+      cores: CPU cores this process may run on (default: its affinity mask, e.g. under
+        ``taskset``, else ``os.cpu_count()``).
+
+    Returns:
+      ``requested``, or for 0 the largest count <= ``cores`` that divides the batch rows
+      of one process (1 when none but 1 does, e.g. an odd batch).
+
+    Raises:
+      ValueError: ``requested < 0``.
+    """
+    if requested < 0:
+        raise ValueError(f"cpu_devices={requested} is invalid: must be >= 0 (0 = one per CPU core)")
+    if requested:
+        return requested
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+    if batch_size is None:
+        return cores
+    rows = batch_size // num_processes if batch_size % num_processes == 0 else 1
+    return max(d for d in range(1, cores + 1) if rows % d == 0)
 
 
 def initialize(coordinator_address: str | None, num_processes: int = 1, process_id: int = 0,
@@ -246,7 +279,7 @@ def data_parallel(batch_size: int, device_mesh: Mesh | None = None) -> Placement
         lower, upper = (batch_size // n) * n, -(-batch_size // n) * n
         raise ValueError(f"batch_size={batch_size} is invalid: the global batch is split evenly over {where}; "
                          f"use a multiple of {n} (e.g. {lower or upper} or {upper}), or fewer devices "
-                         f"(CUDA_VISIBLE_DEVICES / --num_processes)")
+                         f"(--cpu_devices on a CPU, CUDA_VISIBLE_DEVICES on a GPU, --num_processes)")
     return Placement(NamedSharding(device_mesh, P()), NamedSharding(device_mesh, P(AXIS)),
                      jax.process_index(), procs)
 
@@ -306,5 +339,5 @@ def describe() -> str:
 
 
 __all__ = ["AXIS", "AUTO", "CoordinatorUnreachableError", "Placement", "check_process_args", "data_parallel",
-           "describe", "initialize", "initialize_from_config", "is_primary", "local_copy", "member_devices",
-           "member_parallel", "mesh", "wait_for_coordinator"]
+           "cpu_devices_for", "describe", "initialize", "initialize_from_config", "is_primary", "local_copy",
+           "member_devices", "member_parallel", "mesh", "wait_for_coordinator"]

@@ -316,8 +316,8 @@ class Trainer:
     def _train(self) -> None:
         run, c = self.run, self.run.config
         logging.info("training %d member(s) in %d program(s), %s %s: steps %d -> %d (%d per epoch), T=%d, "
-                     "batch %d", len(self.members), len(self.groups), c.algorithm, c.dataset, self.step,
-                     run.num_total, run.steps_per_epoch, c.num_steps, c.batch_size)
+                     "batch %d, on %s", len(self.members), len(self.groups), c.algorithm, c.dataset, self.step,
+                     run.num_total, run.steps_per_epoch, c.num_steps, c.batch_size, distributed.describe())
         self._progress = periodic.ReportProgress(start_step=self.step, num_total=run.num_total)
         try:
             for index, x in data.step_batches(run.train_images, c.batch_size, c.seed, self.step, run.num_total,

@@ -292,3 +292,21 @@ def test_set_cpu_devices_splits_the_cpu_before_the_backend_starts():
     assert "DEVICES 3" in proc.stdout and "LATE True" in proc.stdout
     with pytest.raises(ValueError, match="cpu_devices=0 is invalid"):
         distributed.set_cpu_devices(0)
+
+
+@pytest.mark.parametrize("requested,batch_size,num_processes,cores,expected", [
+    (0, 64, 1, 2, 2),  # one per core
+    (0, 63, 1, 2, 1),  # an odd batch cannot be split: the whole CPU as one device
+    (0, 60, 1, 8, 6),  # the most devices <= cores that divide the batch
+    (0, 64, 2, 4, 4),  # 32 rows per process, 4 cores each
+    (0, 66, 4, 4, 1),  # 66 rows do not split over 4 processes: data_parallel will say so
+    (0, None, 1, 5, 5),  # a sweep: all cores
+    (3, 64, 1, 2, 3),  # asked for: as asked (data_parallel checks the batch)
+])
+def test_cpu_devices_for(requested, batch_size, num_processes, cores, expected):
+    assert distributed.cpu_devices_for(requested, batch_size, num_processes, cores) == expected
+
+
+def test_cpu_devices_for_rejects_a_negative_count():
+    with pytest.raises(ValueError, match="cpu_devices=-1 is invalid"):
+        distributed.cpu_devices_for(-1, 64)

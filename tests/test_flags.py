@@ -96,7 +96,7 @@ def flag_values():
 
 def test_every_field_has_a_flag_with_help(flag_values):
     names = [f.name for f in dataclasses.fields(Config)]
-    assert sorted(flag_values) == sorted(names + ["workdir"])
+    assert sorted(flag_values) == sorted(names + ["workdir", "cpu_devices"])
     for f in dataclasses.fields(Config):
         assert f.metadata["help"].strip() and flag_values[f.name].help.endswith(f.metadata["help"]), f.name
         if f.metadata["choices"] is not None:
