@@ -40,9 +40,9 @@ Printed: human-readable rows, then as the LAST line one JSON object:
   one JAX device per core with the batch sharded over them (``--cpu_devices``; a
   subprocess, after the variants), else the one-device figure;
   ``chain_step_speedup_cpu_devices_<S>`` = one device / that; ``chain_step_gflop_<S>``
-  (XLA cost analysis of one kernel step: joint VJP w.r.t. (theta, z) and update) and ``_zonly_<S>`` (VJP
-  w.r.t. z only); ``chain_gflops_<S>`` = flop per step / measured seconds per step;
-  ``chain_gflops`` is the 28x28x1 one.
+  (XLA cost analysis of one kernel step: joint VJP w.r.t. (theta, z) and update) and
+  ``_zonly_<S>`` (VJP w.r.t. z only); ``chain_gflops_<S>`` = flop per step / the
+  ``chain_step_ms_<S>`` seconds; ``chain_gflops`` is the 28x28x1 one.
 * ``theta_grad_every_5_{cond,scans,joint,zonly}_ms``: the chain alone (28x28x1, T = 40,
   no encoder or Adam), per step: one scan with ``lax.cond`` (the train step's way), nested
   scans (4 z-only steps then one joint step per block of 5), every step joint, every step
