@@ -499,10 +499,10 @@ def scaling_worker(steps: int, reps: int) -> dict:
             "params": [np.asarray(a, np.float64).ravel().tolist() for a in jax.tree.leaves(params)]}
 
 
-def _worker(call: str, env: dict, what: str) -> dict:
-    """``chain.<call>`` in a fresh Python process with ``env`` added (device settings
-    must precede JAX's start); returns the dict it prints. RuntimeError names ``what``."""
-    code = f"import json; from benchmarks import chain; print('RESULT', json.dumps(chain.{call}))"
+def _worker(call: str, env: dict, what: str, module: str = "chain") -> dict:
+    """``benchmarks.<module>.<call>`` in a fresh Python process with ``env`` added (device
+    settings must precede JAX's start); returns the dict it prints. RuntimeError names ``what``."""
+    code = f"import json; from benchmarks import {module}; print('RESULT', json.dumps({module}.{call}))"
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if proc.returncode:
