@@ -177,23 +177,31 @@ def swapped(module, name: str, value):
         setattr(module, name, saved)
 
 
-def chain_step_ms_by_formulation(shape: str, formulations: dict, rounds: int) -> dict:
+def chain_step_ms_by_formulation(shape: str, formulations: dict, rounds: int,
+                                 placement: distributed.Placement | None = None) -> dict:
     """Marginal ms per chain step of the real ``lpc_train_step`` for each formulation.
 
     ``formulations`` maps a name to a zero-argument context-manager factory entered while
     the step is traced (e.g. ``functools.partial(swapped, module, name, value)``;
     ``contextlib.nullcontext`` for the library as it is). The step (Jeffreys,
     preconditioned, batch 64) is compiled at both ``CHAIN_T[shape]`` lengths per
-    formulation, and all programs are timed in the same ``rounds`` interleaved rounds.
-    Returns {name: ms}: (median ms at T_long - median ms at T_short) / (T_long - T_short).
+    formulation, and all programs are timed in the same ``rounds`` interleaved rounds;
+    with ``placement`` (``distributed.data_parallel``) the state and batch live there, as
+    in ``train.make_group``. Returns {name: ms}: (median ms at T_long - median ms at
+    T_short) / (T_long - T_short).
     """
     config, model, state, x, _ = _setup(SHAPES[shape])
     key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
+    jit_kw = {}
+    if placement is not None:
+        state, x = placement.put_state(state), jax.device_put(x, placement.batch)
+        jit_kw = {"out_shardings": (placement.state, placement.replicated)}
     programs = {}
     for name, formulation in formulations.items():
         for num_steps in CHAIN_T[shape]:
             with formulation():
-                fn, _ = _compile(_step_of(config, model, num_steps=num_steps), state, x, key, hp)
+                step = jax.jit(_step_of(config, model, num_steps=num_steps), **jit_kw)
+                fn = step.lower(state, x, key, hp).compile()
             programs[name, num_steps] = functools.partial(fn, state, x, key, hp)
             jax.block_until_ready(programs[name, num_steps]())
     ms = _interleaved_ms(programs, rounds)
@@ -314,19 +322,9 @@ def data_parallel_worker(shape: str, reps: int) -> dict:
     """In a process with N CPU devices: the marginal ms per chain step of the real train step
     as the launchers run it there, the batch sharded over the N devices (``train.make_group``'s
     ``distributed.data_parallel`` placement), T = ``CHAIN_T[shape]``."""
-    config, model, state, x, _ = _setup(SHAPES[shape])
-    key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
-    placement = distributed.data_parallel(config.batch_size)
-    state, x = placement.put_state(state), jax.device_put(x, placement.batch)
-    programs = {}
-    for num_steps in CHAIN_T[shape]:
-        fn = jax.jit(_step_of(config, model, num_steps=num_steps),
-                     out_shardings=(placement.state, placement.replicated)).lower(state, x, key, hp).compile()
-        programs[num_steps] = functools.partial(fn, state, x, key, hp)
-        jax.block_until_ready(programs[num_steps]())
-    ms = _interleaved_ms(programs, reps)
-    t_short, t_long = CHAIN_T[shape]
-    return {"devices": jax.device_count(), "chain_step_ms": (ms[t_long] - ms[t_short]) / (t_long - t_short)}
+    placement = distributed.data_parallel(64)  # _setup's batch
+    ms = chain_step_ms_by_formulation(shape, {"float32": contextlib.nullcontext}, reps, placement)["float32"]
+    return {"devices": jax.device_count(), "chain_step_ms": ms}
 
 
 def _kernels(model, x, theta, chain_dtype="float32"):

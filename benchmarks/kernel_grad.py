@@ -43,7 +43,8 @@ from lpc_jax import layers, models
 
 Array = jax.Array
 
-# --- the previous formulation, verbatim (lpc_jax/layers.py before this change) ---
+# --- the previous formulation, verbatim (lpc_jax/layers.py before this change), but for its
+# per-tap branch, which the module still has as ``_kernel_grad_per_tap`` ---
 
 _TAP_MATMUL_MIN_CHANNELS = 16
 
@@ -52,12 +53,7 @@ def _previous(a: Array, g: Array, s: int, k: int) -> Array:
     n, ha, wa, ca = a.shape
     _, u, v, cg = g.shape
     if ca >= _TAP_MATMUL_MIN_CHANNELS:
-        a = layers._pad_hw(a, (0, max(0, s * (u - 1) + k - ha)), (0, max(0, s * (v - 1) + k - wa)))
-        g2 = g.reshape(n * u * v, cg)
-        taps = [lax.slice(a, (0, i, j, 0), (n, i + s * (u - 1) + 1, j + s * (v - 1) + 1, ca), (1, s, s, 1))
-                for i in range(k) for j in range(k)]
-        dots = [lax.dot_general(t.reshape(n * u * v, ca), g2, (((0,), (0,)), ((), ()))) for t in taps]
-        return jnp.stack(dots).reshape(k, k, ca, cg)
+        return layers._kernel_grad_per_tap(a, g, s, k)
     kk = -(-k // s)
     hs, ws = u - 1 + kk, v - 1 + kk
     a = layers._pad_hw(a, (0, s * hs - ha), (0, s * ws - wa))

@@ -131,23 +131,7 @@ _discretized_log_mass.defvjp(_discretized_log_mass_fwd, _discretized_log_mass_bw
 
 
 def _reference(x: Array, mean: Array, log_scale: Array) -> Array:
-    """Log-probability of 8-bit pixels under a discretised Gaussian (SPEC section 2).
-
-    Each pixel value x in {-1, -1 + 2/255, ..., 1} gets the Gaussian mass of its
-    bin [x - 1/255, x + 1/255]; the edge bins take the tails (x = -1 gets
-    (-inf, -1 + 1/255], x = 1 gets [1 - 1/255, inf)). Each pixel evaluates only
-    its own bin's mass, as a difference of two lower-tail normal CDFs in log space,
-    so saturated pixels far from the mean stay finite; the gradient is written by
-    hand from the same values (d log P / d a, b are density / mass ratios).
-
-    Args:
-      x: (B, H, W, C) pixels in [-1, 1] on the 8-bit grid.
-      mean: (B, H, W, C) Gaussian means (any real value).
-      log_scale: log standard deviation, broadcastable to ``x`` (e.g. (C,)).
-
-    Returns:
-      (B,) log p(x | mean, scale) in nats.
-    """
+    """``likelihoods.discretized_gaussian_log_prob`` as it was: same arguments, (B,) nats."""
     shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(mean), jnp.shape(log_scale))
     x, mean = jnp.broadcast_to(x, shape), jnp.broadcast_to(mean, shape)
     return _sum_event(_discretized_log_mass(x, mean, log_scale))

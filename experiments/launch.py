@@ -96,11 +96,9 @@ def init_distributed(config: Config) -> None:
 def train_and_report() -> None:
     """The dataset launchers' main: ``train.train_and_evaluate`` under the flags; prints the result."""
     config = parse_config()
-    try:  # before anything touches a device
-        distributed.set_cpu_devices(distributed.cpu_devices_for(FLAGS.cpu_devices, config.batch_size,
-                                                                config.num_processes))
-    except ValueError as e:
-        raise usage_error(e) from None
+    # before anything touches a device; --cpu_devices >= 0 is checked by its flag
+    distributed.set_cpu_devices(distributed.cpu_devices_for(FLAGS.cpu_devices, config.batch_size,
+                                                            config.num_processes))
     init_distributed(config)
     workdir = lpc_flags.workdir_from_flags(config)
     try:  # train_and_evaluate locks the workdir before any data loads

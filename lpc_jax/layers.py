@@ -169,6 +169,19 @@ def _conv_transpose(x: Array, w: Array, s: int, p: int, extra: tuple[int, int] =
     return y[:, :ho, :wo]
 
 
+def _kernel_grad_per_tap(a: Array, g: Array, s: int, k: int) -> Array:
+    """``_kernel_grad`` as one matmul per tap (i, j): the strided slice of ``a`` as
+    (N U V, C_a) against ``g`` as (N U V, C_g), contracting the long axis."""
+    n, ha, wa, ca = a.shape
+    _, u, v, cg = g.shape
+    a = _pad_hw(a, (0, max(0, s * (u - 1) + k - ha)), (0, max(0, s * (v - 1) + k - wa)))
+    g2 = g.reshape(n * u * v, cg)
+    taps = [lax.slice(a, (0, i, j, 0), (n, i + s * (u - 1) + 1, j + s * (v - 1) + 1, ca), (1, s, s, 1))
+            for i in range(k) for j in range(k)]
+    dots = [lax.dot_general(t.reshape(n * u * v, ca), g2, (((0,), (0,)), ((), ()))) for t in taps]
+    return jnp.stack(dots).reshape(k, k, ca, cg)
+
+
 def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
     """``D[i, j] = sum_{n, u, v} a[n, s*u + i, s*v + j, :]^T g[n, u, v, :]`` for i, j < k.
 
@@ -180,8 +193,7 @@ def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
     gradient, (P, Q) = (U + kk - 1, V + kk - 1). It copies ``a`` once, where one matmul
     per tap copies a strided slice of ``a`` per tap (k^2 copies, most of that path's
     time on XLA:CPU), but it multiplies the (P Q) / (U V) padding: on small maps,
-    where that exceeds ``_PHASE_MAX_PAD_RATIO``, one matmul per tap (i, j), the strided
-    slice of ``a`` as (N U V, C_a) against ``g`` as (N U V, C_g). Returns
+    where that exceeds ``_PHASE_MAX_PAD_RATIO``, ``_kernel_grad_per_tap``. Returns
     (k, k, C_a, C_g).
     """
     n, ha, wa, ca = a.shape
@@ -189,12 +201,7 @@ def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
     kk = -(-k // s)
     hp, wp = u - 1 + kk, v - 1 + kk
     if hp * wp > _PHASE_MAX_PAD_RATIO * u * v:
-        a = _pad_hw(a, (0, max(0, s * (u - 1) + k - ha)), (0, max(0, s * (v - 1) + k - wa)))
-        g2 = g.reshape(n * u * v, cg)
-        taps = [lax.slice(a, (0, i, j, 0), (n, i + s * (u - 1) + 1, j + s * (v - 1) + 1, ca), (1, s, s, 1))
-                for i in range(k) for j in range(k)]
-        dots = [lax.dot_general(t.reshape(n * u * v, ca), g2, (((0,), (0,)), ((), ()))) for t in taps]
-        return jnp.stack(dots).reshape(k, k, ca, cg)
+        return _kernel_grad_per_tap(a, g, s, k)
     a = _pad_hw(a, (0, s * hp - ha), (0, s * wp - wa))  # negative: rows no tap reaches
     a = a.reshape(n, hp, s, wp, s, ca).transpose(0, 1, 3, 2, 4, 5).reshape(n * hp * wp, s * s * ca)
     shifts = [_pad_hw(g, (d_h, hp - u - d_h), (d_w, wp - v - d_w)) for d_h in range(kk) for d_w in range(kk)]
