@@ -38,8 +38,11 @@ Printed: human-readable rows, then as the LAST line one JSON object:
   marginal cost of ``chain_dtype=bfloat16``, ``theta_grad_every=2``, ``=5`` over it;
   ``chain_step_ms_<S>``: float32, k = 1, as the launchers run it, on a multi-core CPU
   one JAX device per core with the batch sharded over them (``--cpu_devices``; a
-  subprocess, after the variants), else the one-device figure;
-  ``chain_step_speedup_cpu_devices_<S>`` = one device / that; ``chain_step_gflop_<S>``
+  subprocess, after the variants; the chain under ``shard_map``, one all-reduce after its
+  loop), else the one-device figure; ``chain_step_speedup_cpu_devices_<S>`` = one device /
+  that; ``chain_step_ms_gspmd_<S>``: the same devices with the chain partitioned by XLA
+  (an all-reduce on every chain step, as before ``shard_map``), timed in the same rounds,
+  and ``chain_step_ratio_shard_map_vs_gspmd_<S>``; ``chain_step_gflop_<S>``
   (XLA cost analysis of one kernel step: joint VJP w.r.t. (theta, z) and update) and
   ``_zonly_<S>`` (VJP w.r.t. z only); ``chain_gflops_<S>`` = flop per step / the
   ``chain_step_ms_<S>`` seconds; ``chain_gflops`` is the 28x28x1 one.
@@ -153,8 +156,8 @@ def _row(name, value, unit=""):
     print(f"  {name:<52} {value:>10.3f} {unit}" if isinstance(value, float) else f"  {name:<52} {value} {unit}")
 
 
-def _step_of(config, model, **overrides):
-    return ts.make_train_step(dataclasses.replace(config, **overrides), model)
+def _step_of(config, model, mesh=None, **overrides):
+    return ts.make_train_step(dataclasses.replace(config, **overrides), model, mesh)
 
 
 def _interleaved_ms(programs: dict, reps: int) -> dict:
@@ -186,21 +189,21 @@ def chain_step_ms_by_formulation(shape: str, formulations: dict, rounds: int,
     ``contextlib.nullcontext`` for the library as it is). The step (Jeffreys,
     preconditioned, batch 64) is compiled at both ``CHAIN_T[shape]`` lengths per
     formulation, and all programs are timed in the same ``rounds`` interleaved rounds;
-    with ``placement`` (``distributed.data_parallel``) the state and batch live there, as
-    in ``train.make_group``. Returns {name: ms}: (median ms at T_long - median ms at
+    with ``placement`` (``distributed.data_parallel``) the state and batch live there and
+    the step gets its mesh, as in ``train.make_group``. Returns {name: ms}: (median ms at T_long - median ms at
     T_short) / (T_long - T_short).
     """
     config, model, state, x, _ = _setup(SHAPES[shape])
     key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
-    jit_kw = {}
+    jit_kw, mesh = {}, None
     if placement is not None:
         state, x = placement.put_state(state), jax.device_put(x, placement.batch)
-        jit_kw = {"out_shardings": (placement.state, placement.replicated)}
+        jit_kw, mesh = {"out_shardings": (placement.state, placement.replicated)}, placement.batch.mesh
     programs = {}
     for name, formulation in formulations.items():
         for num_steps in CHAIN_T[shape]:
             with formulation():
-                step = jax.jit(_step_of(config, model, num_steps=num_steps), **jit_kw)
+                step = jax.jit(_step_of(config, model, mesh, num_steps=num_steps), **jit_kw)
                 fn = step.lower(state, x, key, hp).compile()
             programs[name, num_steps] = functools.partial(fn, state, x, key, hp)
             jax.block_until_ready(programs[name, num_steps]())
@@ -318,13 +321,24 @@ def sweep_worker(num_steps: int, reps: int) -> dict:
             "sweep_ms": ms_k, "sequential_ms": ms_seq, "speedup": ms_seq / ms_k}
 
 
+def _gspmd_chain(mesh, run_chain, *chain_args, init):
+    """The data-parallel chain before ``shard_map``: the step's own, partitioned by XLA
+    (GSPMD), which all-reduces grad_theta inside the loop, on every chain step."""
+    del mesh, init
+    return run_chain(*chain_args)
+
+
 def data_parallel_worker(shape: str, reps: int) -> dict:
     """In a process with N CPU devices: the marginal ms per chain step of the real train step
     as the launchers run it there, the batch sharded over the N devices (``train.make_group``'s
-    ``distributed.data_parallel`` placement), T = ``CHAIN_T[shape]``."""
+    ``distributed.data_parallel`` placement), T = ``CHAIN_T[shape]``: ``chain_step_ms`` with
+    the chain under ``shard_map`` (the library), ``chain_step_ms_gspmd`` with it partitioned
+    by XLA as before (:func:`_gspmd_chain`), in the same rounds."""
     placement = distributed.data_parallel(64)  # _setup's batch
-    ms = chain_step_ms_by_formulation(shape, {"float32": contextlib.nullcontext}, reps, placement)["float32"]
-    return {"devices": jax.device_count(), "chain_step_ms": ms}
+    ms = chain_step_ms_by_formulation(shape, {
+        "shard_map": contextlib.nullcontext,
+        "gspmd": functools.partial(swapped, ts, "_run_chain_data_parallel", _gspmd_chain)}, reps, placement)
+    return {"devices": jax.device_count(), "chain_step_ms": ms["shard_map"], "chain_step_ms_gspmd": ms["gspmd"]}
 
 
 def _kernels(model, x, theta, chain_dtype="float32"):
@@ -373,9 +387,13 @@ def _variants_section(out: dict, shape: str, reps: int) -> None:
                          f"data-parallel chain on {n} CPU devices")
         out[f"chain_step_ms_{shape}"] = result["chain_step_ms"]
         out[f"chain_step_speedup_cpu_devices_{shape}"] = marginal["float32"] / result["chain_step_ms"]
+        out[f"chain_step_ms_gspmd_{shape}"] = result["chain_step_ms_gspmd"]
+        out[f"chain_step_ratio_shard_map_vs_gspmd_{shape}"] = result["chain_step_ms"] / result["chain_step_ms_gspmd"]
         _row(f"{shape} float32 on {n} CPU devices, batch sharded (the launchers' default)", result["chain_step_ms"],
              "ms")
-        _row(f"chain_step_speedup_cpu_devices_{shape}", out[f"chain_step_speedup_cpu_devices_{shape}"])
+        _row(f"{shape} the same, chain partitioned by XLA (before shard_map)", result["chain_step_ms_gspmd"], "ms")
+        for key in (f"chain_step_ratio_shard_map_vs_gspmd_{shape}", f"chain_step_speedup_cpu_devices_{shape}"):
+            _row(key, out[key])
     for name in VARIANTS:
         out[f"chain_step_ms_{name}_{shape}"] = marginal[name]
         if name != "float32":
@@ -497,10 +515,10 @@ def scaling_worker(steps: int, reps: int) -> dict:
             "params": [np.asarray(a, np.float64).ravel().tolist() for a in jax.tree.leaves(params)]}
 
 
-def _worker(call: str, env: dict, what: str, module: str = "chain") -> dict:
-    """``benchmarks.<module>.<call>`` in a fresh Python process with ``env`` added (device
+def _worker(call: str, env: dict, what: str) -> dict:
+    """``benchmarks.chain.<call>`` in a fresh Python process with ``env`` added (device
     settings must precede JAX's start); returns the dict it prints. RuntimeError names ``what``."""
-    code = f"import json; from benchmarks import {module}; print('RESULT', json.dumps({module}.{call}))"
+    code = f"import json; from benchmarks import chain; print('RESULT', json.dumps(chain.{call}))"
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if proc.returncode:

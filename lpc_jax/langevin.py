@@ -33,6 +33,12 @@ gradient from the same VJP that gives the drift (no second backward pass)::
 ``grad_params`` is the gradient of sum_b log p(z_b; params) w.r.t. ``params``
 at the latents the drift was taken at (before the move); the LPC train step
 sums it over the chain (eq. 8).
+
+Inside ``jax.shard_map`` with the batch's rows sharded in equal blocks over a mesh
+axis, pass that axis as ``axis_name``: each shard then draws the whole batch's noise
+from the same key and keeps its own rows (:func:`draw_rows`), so the sharded chain
+takes exactly the unsharded one's noise (the LPC train step's data-parallel chain,
+:func:`lpc_jax.train_step.lpc_train_step` with a ``mesh``).
 """
 
 from __future__ import annotations
@@ -79,8 +85,35 @@ def init(z: Array) -> LangevinState:
     return LangevinState(z, preconditioner.init(z), jnp.zeros((), jnp.int32))
 
 
+def draw_rows(draw: Callable[..., Array], rng_key: Array, shape: tuple[int, ...], dtype=jnp.float32,
+              axis_name: str | None = None) -> Array:
+    """``draw(rng_key, shape, dtype)`` for a batch's rows, e.g. ``jax.random.normal``.
+
+    Args:
+      draw: a ``jax.random`` sampler taking ``(key, shape, dtype)``.
+      rng_key: PRNG key, the same on every shard.
+      shape: ``(B, ...)``, B the rows this shard holds.
+      dtype: the draw's dtype.
+      axis_name: None outside ``shard_map``; inside it, the mesh axis the batch is
+        sharded over, in equal blocks of B rows in axis-index order (``P(axis_name)``).
+        Each shard then draws all ``axis_size * B`` rows and keeps its block, so its
+        rows are bit for bit those of the unsharded draw (an extra
+        ``(axis_size - 1) * B`` rows of noise per step: (B, D) normals cost microseconds
+        next to a decoder VJP).
+
+    Returns:
+      ``shape`` array of ``dtype``.
+    """
+    if axis_name is None:
+        return draw(rng_key, shape, dtype)
+    rows = shape[0]
+    full = draw(rng_key, (rows * jax.lax.axis_size(axis_name), *shape[1:]), dtype)
+    return jax.lax.dynamic_slice_in_dim(full, jax.lax.axis_index(axis_name) * rows, rows)
+
+
 def update(rng_key: Array, state: LangevinState, drift: Array, hparams: LangevinHParams, *,
-           precondition: bool = True, noise: bool = True, metric: Array | None = None) -> LangevinState:
+           precondition: bool = True, noise: bool = True, metric: Array | None = None,
+           axis_name: str | None = None) -> LangevinState:
     """The Langevin transition given the drift at ``state.z`` (eqs. 18-19).
 
     The kernels of :func:`build_kernel` are this update after one VJP; a caller
@@ -95,6 +128,7 @@ def update(rng_key: Array, state: LangevinState, drift: Array, hparams: Langevin
       noise: static; False gives (preconditioned) gradient ascent, eq. 1.
       metric: optional fixed diagonal metric G, broadcastable to (B, D); it
         replaces the adaptive preconditioner (``precondition`` is then ignored).
+      axis_name: static; the batch's mesh axis under ``shard_map`` (:func:`draw_rows`).
 
     Returns:
       The next ``LangevinState``.
@@ -102,13 +136,14 @@ def update(rng_key: Array, state: LangevinState, drift: Array, hparams: Langevin
     m, metric = diagonal_metric(state, drift, hparams, precondition=precondition, metric=metric)
     z = state.z + hparams.step_size * metric * drift
     if noise:
-        eta = jax.random.normal(rng_key, drift.shape, drift.dtype)
+        eta = draw_rows(jax.random.normal, rng_key, drift.shape, drift.dtype, axis_name)
         z = z + jnp.sqrt(2.0 * hparams.step_size * metric) * eta
     return LangevinState(z, m, state.count + 1)
 
 
 def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, noise: bool = True,
-                 metric: Array | None = None, *, with_param_grad: bool = False) -> Callable:
+                 metric: Array | None = None, *, with_param_grad: bool = False,
+                 axis_name: str | None = None) -> Callable:
     """Returns the Langevin kernel for ``log_prob_fn``.
 
     Args:
@@ -119,6 +154,8 @@ def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, n
       noise: static; set False for plain (preconditioned) gradient ascent.
       metric: optional fixed diagonal metric G (see :func:`update`).
       with_param_grad: static; the kernel also returns the gradient w.r.t. ``params``.
+      axis_name: static; the batch's mesh axis when the kernel runs under ``shard_map``
+        (:func:`draw_rows`); ``grad_params`` is then this shard's rows' sum.
 
     Returns:
       ``kernel(rng_key, state, hparams, *args) -> (state, info)``, or with
@@ -130,7 +167,8 @@ def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, n
 
     def transition(rng_key, state, hparams, log_prob, drift, log_prob_at):
         del log_prob_at  # ULA needs the density only where the drift was taken
-        new_state = update(rng_key, state, drift, hparams, precondition=precondition, noise=noise, metric=metric)
+        new_state = update(rng_key, state, drift, hparams, precondition=precondition, noise=noise, metric=metric,
+                           axis_name=axis_name)
         return new_state, LangevinInfo(log_prob, jnp.linalg.norm(drift, axis=-1))
 
     return kernel_from_transition(transition, log_prob_fn, with_param_grad=with_param_grad)

@@ -165,7 +165,22 @@ def discretized_gaussian_log_prob(x: Array, mean: Array, log_scale: Array) -> Ar
     """
     shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(mean), jnp.shape(log_scale))
     x, mean = jnp.broadcast_to(x, shape), jnp.broadcast_to(mean, shape)
-    return _discretized_log_prob(x, mean, log_scale)
+    return _discretized_log_prob(*_vary_alike(x, mean, log_scale))
+
+
+def _vary_alike(*arrays: Array) -> tuple[Array, ...]:
+    """Under ``shard_map``: every array marked as varying over each mesh axis any of them varies over.
+
+    A custom VJP's backward pass must give each cotangent its primal's type; a
+    replicated ``log_scale`` beside a sharded batch would get a per-shard cotangent.
+    With the explicit ``pcast`` the cotangent's sum over the shards is its transpose,
+    taken only where a caller differentiates w.r.t. the replicated value. Outside
+    ``shard_map`` nothing varies and the arrays are returned as they are.
+    """
+    varying = [jax.typeof(a).manual_axis_type.varying for a in arrays]
+    axes = frozenset().union(*varying)
+    return tuple(a if v == axes else jax.lax.pcast(a, tuple(sorted(axes - v)), to="varying")
+                 for a, v in zip(arrays, varying))
 
 
 def gaussian_log_prob(x: Array, mean: Array, log_scale: Array) -> Array:

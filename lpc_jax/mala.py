@@ -69,7 +69,7 @@ def log_proposal_density(to: Array, start: Array, drift: Array, metric: Array, s
 
 
 def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, metric: Array | None = None, *,
-                 with_param_grad: bool = False) -> Callable:
+                 with_param_grad: bool = False, axis_name: str | None = None) -> Callable:
     """Returns the MALA kernel for ``log_prob_fn``.
 
     Args:
@@ -78,6 +78,8 @@ def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, m
       metric: optional fixed diagonal metric G, broadcastable to (B, D); wins over ``precondition``.
       with_param_grad: static; the kernel also returns the gradient w.r.t. ``params``
         at the pre-move ``state.z``, from the same VJP as the drift.
+      axis_name: static; the batch's mesh axis under ``shard_map`` (:func:`lpc_jax.langevin.draw_rows`):
+        the proposal noise and the acceptance uniforms are the unsharded chain's.
 
     There is no ``noise`` switch: a deterministic proposal has no Metropolis
     correction (use ``langevin.build_kernel(noise=False)`` for gradient ascent).
@@ -92,7 +94,7 @@ def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, m
         key_move, key_accept = jax.random.split(rng_key)
         m, g_metric = langevin.diagonal_metric(state, drift, hparams, precondition=precondition, metric=metric)
         moved = langevin.update(key_move, langevin.LangevinState(state.z, m, state.count), drift, hparams,
-                                metric=g_metric)
+                                metric=g_metric, axis_name=axis_name)
         proposal_log_prob, vjp_fn = jax.vjp(log_prob_at, moved.z)
         (proposal_drift,) = vjp_fn(jnp.ones_like(proposal_log_prob))
         log_alpha = (proposal_log_prob - log_prob
@@ -100,7 +102,8 @@ def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, m
                      - log_proposal_density(moved.z, state.z, drift, g_metric, hparams.step_size))
         # A NaN ratio (a proposal where log p is not finite) is a rejection.
         acceptance_prob = jnp.where(jnp.isnan(log_alpha), 0.0, jnp.exp(jnp.minimum(log_alpha, 0.0)))
-        accept = jax.random.uniform(key_accept, log_alpha.shape, log_alpha.dtype) < acceptance_prob
+        uniform = langevin.draw_rows(jax.random.uniform, key_accept, log_alpha.shape, log_alpha.dtype, axis_name)
+        accept = uniform < acceptance_prob
         z = jnp.where(accept[:, None], moved.z, state.z)
         info = MALAInfo(log_prob, jnp.linalg.norm(drift, axis=-1), acceptance_prob, accept)
         return moved._replace(z=z), info

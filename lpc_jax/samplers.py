@@ -27,7 +27,8 @@ class Sampler(NamedTuple):
 
 
 def build(name: str, log_prob_fn: Callable[..., jax.Array], *, precondition: bool = True,
-          friction: float | jax.Array = 1.0, with_param_grad: bool = False) -> Sampler:
+          friction: float | jax.Array = 1.0, with_param_grad: bool = False,
+          axis_name: str | None = None) -> Sampler:
     """The sampler ``name`` for ``log_prob_fn``, taking ``LangevinHParams``.
 
     Args:
@@ -36,18 +37,23 @@ def build(name: str, log_prob_fn: Callable[..., jax.Array], *, precondition: boo
       precondition: static; Adam-style diagonal metric, or G = 1.
       friction: the underdamped sampler's friction, per unit time (ignored by the others).
       with_param_grad: static; the kernel also returns the params gradient (same VJP as the drift).
+      axis_name: static; the batch's mesh axis when the kernel runs under ``shard_map``: its
+        random draws are then the unsharded chain's rows (:func:`lpc_jax.langevin.draw_rows`).
 
     Raises:
       ValueError: ``name`` is not one of ``SAMPLERS``.
     """
     if name == "ula":
         return Sampler(langevin.init, langevin.build_kernel(
-            log_prob_fn, precondition=precondition, with_param_grad=with_param_grad))
+            log_prob_fn, precondition=precondition, with_param_grad=with_param_grad,
+            axis_name=axis_name))
     if name == "mala":
         return Sampler(mala.init, mala.build_kernel(
-            log_prob_fn, precondition=precondition, with_param_grad=with_param_grad))
+            log_prob_fn, precondition=precondition, with_param_grad=with_param_grad,
+            axis_name=axis_name))
     if name == "underdamped":
-        kernel = underdamped.build_kernel(log_prob_fn, precondition=precondition, with_param_grad=with_param_grad)
+        kernel = underdamped.build_kernel(log_prob_fn, precondition=precondition, with_param_grad=with_param_grad,
+                                          axis_name=axis_name)
         return Sampler(underdamped.init, lambda rng_key, state, hparams, *args: kernel(
             rng_key, state, underdamped.from_langevin(hparams, friction), *args))
     raise ValueError(f"sampler={name!r} is invalid: choose one of {list(SAMPLERS)}")

@@ -67,14 +67,16 @@ def sample_metrics(run: loop.Run, params, rng_key: jax.Array) -> dict:
 def make_group(config: Config, model: ts.Model, keys: loop.RunKeys) -> loop.Group:
     """A single run's one member, data-parallel over every device (``distributed.data_parallel``).
 
-    The jitted step is the single-device step; its state is replicated and donated,
+    The jitted step is the single-device step, partitioned by XLA, except for the LPC
+    chain, which runs under ``shard_map`` with one all-reduce after its T steps
+    (``train_step.lpc_train_step``'s ``mesh``); the state is replicated and donated,
     the batch (``config.batch_size`` rows, global) sharded along the mesh.
 
     Raises:
       ValueError: ``config.batch_size`` not divisible by the device count.
     """
     placement = distributed.data_parallel(config.batch_size)
-    step_fn = jax.jit(ts.make_train_step(config, model), donate_argnums=0,
+    step_fn = jax.jit(ts.make_train_step(config, model, placement.batch.mesh), donate_argnums=0,
                       out_shardings=(placement.state, placement.replicated))
     return loop.Group(members=(0,), step_fn=step_fn, step_keys=keys.step,
                       hparams=langevin.hparams(config.step_size, config.decay, config.eps), placement=placement)

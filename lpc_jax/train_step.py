@@ -30,6 +30,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from lpc_jax import langevin, likelihoods, models, objectives, samplers
 from lpc_jax.config import Config
@@ -159,20 +160,29 @@ class _Chain(NamedTuple):
 
 def _run_chain(log_joint: Callable, theta, z0: Array, center: Array, hparams: langevin.LangevinHParams,
                keys: Array, *, precondition: bool, selected: Array | None, sampler: str = "ula",
-               friction: float = 1.0) -> _Chain:
+               friction: float = 1.0, axis_name: str | None = None) -> _Chain:
     """T Langevin steps in a ``lax.scan``; ``selected`` (T,) bool or None (every step).
 
     A selected step is ONE VJP of log p w.r.t. (theta, z): the drift and grad_theta
     (eq. 8). An unselected one, under ``lax.cond``, is a VJP w.r.t. z only, so XLA drops
     the decoder's kernel-gradient convolutions. Under ``vmap`` with a batched
     ``selected`` the cond becomes a select and both branches run.
+
+    With ``axis_name`` (under ``shard_map``, the batch's rows split over that axis) each
+    shard runs its rows' chains, with the unsharded chain's noise, and sums its own
+    grad_theta; the sum over shards (a ``psum``) and the traces' batch means (a
+    ``pmean``) are taken once, after the loop.
     """
-    build = functools.partial(samplers.build, sampler, precondition=precondition, friction=friction)
+    build = functools.partial(samplers.build, sampler, precondition=precondition, friction=friction,
+                              axis_name=axis_name)
     init, kernel = build(log_joint, with_param_grad=True)
     z_kernel = build(lambda z: log_joint(theta, z)).kernel
+    # Varying over the shards, theta's cotangent stays each shard's own: the VJP of a
+    # replicated theta would all-reduce it inside the loop, on every step.
+    theta_shard = theta if axis_name is None else jax.lax.pcast(theta, axis_name, to="varying")
 
     def with_theta(key, lstate, g_theta):
-        lstate, info, g_theta_t = kernel(key, lstate, hparams, theta)
+        lstate, info, g_theta_t = kernel(key, lstate, hparams, theta_shard)
         return lstate, info, jax.tree.map(jnp.add, g_theta, g_theta_t)
 
     def z_only(key, lstate, g_theta):
@@ -188,17 +198,40 @@ def _run_chain(log_joint: Callable, theta, z0: Array, center: Array, hparams: la
             info.log_prob.mean(), info.drift_norm.mean(),
             info.acceptance_prob.mean() if hasattr(info, "acceptance_prob") else None)
 
-    carry0 = (init(z0), jax.tree.map(jnp.zeros_like, theta), objectives.init_moments(center))
+    carry0 = (init(z0), jax.tree.map(jnp.zeros_like, theta_shard), objectives.init_moments(center))
     (lstate, g_theta, moments), traces = jax.lax.scan(
         chain_step, carry0, keys if selected is None else (keys, selected))
+    if axis_name is not None:  # equal shards: the mean of the shards' batch means is the batch mean
+        g_theta = jax.lax.psum(g_theta, axis_name)
+        traces = jax.tree.map(lambda t: jax.lax.pmean(t, axis_name), traces)
     return _Chain(lstate, g_theta, moments, *traces)
+
+
+def _run_chain_data_parallel(mesh: jax.sharding.Mesh, run_chain: Callable, theta, x: Array, z0: Array,
+                             center: Array, hparams: langevin.LangevinHParams, keys: Array,
+                             selected: Array | None, init: Callable) -> _Chain:
+    """``run_chain(theta, x, z0, center, hparams, keys, selected, axis_name)`` under ``shard_map``.
+
+    The rows of ``x``, ``z0`` and ``center`` (and of the chain state and moments it
+    returns) are split over ``mesh``'s one axis; theta, hparams, keys, ``selected`` and
+    the returned grad_theta and traces are replicated. ``init`` is the sampler's, for
+    the state's layout: its per-chain fields are rows, its step count is replicated.
+    """
+    (axis,) = mesh.axis_names
+    rows, whole = P(axis), P()
+    state_specs = jax.tree.map(lambda a: whole if a.ndim == 0 else rows, jax.eval_shape(init, z0))
+    return jax.shard_map(
+        functools.partial(run_chain, axis_name=axis), mesh=mesh,
+        in_specs=(whole, rows, rows, rows, whole, whole, whole),
+        out_specs=_Chain(state_specs, whole, rows, whole, whole, whole),
+    )(theta, x, z0, center, hparams, keys, selected)
 
 
 def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevin.LangevinHParams, *,
                    model: Model, num_steps: int, warm_start: str = "jeffreys", precondition: bool = True,
                    prior_scale: float = 1.0, prior_init_batches: int = 50, chain_dtype: str = "float32",
                    theta_grad_every: int = 1, theta_grad_phase: Array | int | None = None,
-                   sampler: str = "ula", friction: float = 1.0):
+                   sampler: str = "ula", friction: float = 1.0, mesh: jax.sharding.Mesh | None = None):
     """One LPC SGD step on batch ``x`` (Algorithm 1, eqs. 5, 8, 11, 16, 17).
 
     Args:
@@ -219,12 +252,22 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
       theta_grad_phase: their phase in [0, k) (int32, may be traced); None draws it uniformly.
       sampler: ``ula``, ``mala`` or ``underdamped`` (static; :mod:`lpc_jax.samplers`).
       friction: the underdamped sampler's friction.
+      mesh: static; a 1-D mesh whose devices hold equal blocks of ``x``'s rows (the
+        launchers' ``distributed.data_parallel``). With more than one device the chain
+        runs under ``shard_map``: each device runs its rows' chains, with the same noise
+        as unsharded, and sums its own grad_theta, all-reduced once after the T steps
+        instead of on every step as XLA's automatic partitioning does. The result is
+        the ``mesh=None`` one up to float32 summation order. None (or one device): the
+        chain as written, partitioned (if at all) by XLA.
 
     Returns:
       ``(new_state, metrics)``; metrics (nats per example): ``log_p_start``,
       ``log_p_end`` (log p(x, z) at z_0 and z_T), ``log_p_chain`` (eq. 8's average,
       the decoder's objective), ``elbo`` (encoder's reparameterised ELBO),
       ``forward_kl`` (eq. 11 cross-entropy), ``drift_norm_start``/``_end``, ``loss``.
+
+    Raises:
+      ValueError: ``mesh`` has more than one axis, or its device count does not divide the batch.
     """
     w = objectives.weights(warm_start)
     theta, phi = state.params["decoder"], state.params["encoder"]
@@ -241,9 +284,19 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
     z0 = jax.lax.stop_gradient(z0)
 
     selected = _selected_steps(k_chain, num_steps, theta_grad_every, theta_grad_phase)
-    chain = _run_chain(chain_log_joint(model, x, prior_scale=prior_scale, chain_dtype=chain_dtype), theta, z0,
-                       jax.lax.stop_gradient(mean), hparams, jax.random.split(k_chain, num_steps),
-                       precondition=precondition, selected=selected, sampler=sampler, friction=friction)
+
+    def run_chain(theta, x, z0, center, hparams, keys, selected, axis_name=None):
+        return _run_chain(chain_log_joint(model, x, prior_scale=prior_scale, chain_dtype=chain_dtype), theta, z0,
+                          center, hparams, keys, precondition=precondition, selected=selected, sampler=sampler,
+                          friction=friction, axis_name=axis_name)
+
+    chain_args = (theta, x, z0, jax.lax.stop_gradient(mean), hparams, jax.random.split(k_chain, num_steps), selected)
+    if mesh is None or mesh.size == 1:
+        chain = run_chain(*chain_args)
+    else:
+        _check_mesh(mesh, batch)
+        init = samplers.build(sampler, model.log_joint, friction=friction).init
+        chain = _run_chain_data_parallel(mesh, run_chain, *chain_args, init=init)
     # Gradient ascent on (1/T) sum_t mean_b log p(x, z_{t-1}) -> descent direction for Adam.
     scale = num_steps * batch if selected is None else num_steps * batch / theta_grad_every
     g_theta = jax.tree.map(lambda g: -g / scale, chain.grad_theta)
@@ -276,6 +329,15 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
     return new_state, metrics
 
 
+def _check_mesh(mesh: jax.sharding.Mesh, batch: int) -> None:
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh has axes {mesh.axis_names}: the chain shards its batch over a 1-D mesh "
+                         "(distributed.mesh())")
+    if batch % mesh.size:
+        raise ValueError(f"batch of {batch} rows cannot be split evenly over the mesh's {mesh.size} devices: "
+                         f"use a batch size that is a multiple of {mesh.size}, or a smaller mesh")
+
+
 def vae_train_step(state: TrainState, x: Array, rng_key: Array, hparams=None, *, model: Model):
     """One VAE SGD step: the reparameterised ELBO w.r.t. both theta and phi.
 
@@ -294,15 +356,19 @@ def vae_train_step(state: TrainState, x: Array, rng_key: Array, hparams=None, *,
     return _apply_grads(state, grads, model.optimizer), {"loss": loss, "elbo": elbo}
 
 
-def make_train_step(config: Config, model: Model) -> Callable:
-    """Binds the static arguments of the step that ``config.algorithm`` selects."""
+def make_train_step(config: Config, model: Model, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """Binds the static arguments of the step that ``config.algorithm`` selects.
+
+    ``mesh``: the data-parallel mesh of a single run (``lpc_train_step``'s; the VAE step
+    has no chain and leaves its partitioning to XLA).
+    """
     if config.algorithm == "vae":
         return functools.partial(vae_train_step, model=model)
     return functools.partial(
         lpc_train_step, model=model, num_steps=config.num_steps, warm_start=config.warm_start,
         precondition=config.preconditioner, prior_scale=config.prior_scale,
         prior_init_batches=config.prior_init_batches, chain_dtype=config.chain_dtype,
-        theta_grad_every=config.theta_grad_every, sampler=config.sampler, friction=config.friction)
+        theta_grad_every=config.theta_grad_every, sampler=config.sampler, friction=config.friction, mesh=mesh)
 
 
 def elbo_estimate(params, x: Array, rng_key: Array, *, model: Model, num_samples: int = 1) -> Array:

@@ -90,7 +90,8 @@ def init(z: Array, v: Array | None = None) -> UnderdampedState:
 
 
 def update(rng_key: Array, state: UnderdampedState, drift: Array, hparams: UnderdampedHParams, *,
-           precondition: bool = True, noise: bool = True, metric: Array | None = None):
+           precondition: bool = True, noise: bool = True, metric: Array | None = None,
+           axis_name: str | None = None):
     """One B O B A step given the drift at ``state.z`` (see the module docstring).
 
     Args:
@@ -98,7 +99,7 @@ def update(rng_key: Array, state: UnderdampedState, drift: Array, hparams: Under
       state: current state; ``state.z`` and ``state.v`` are (B, D).
       drift: (B, D) grad_z log p at ``state.z``.
       hparams: step size h, decay, eps, friction (traced).
-      precondition, noise, metric: as in :func:`lpc_jax.langevin.update`.
+      precondition, noise, metric, axis_name: as in :func:`lpc_jax.langevin.update`.
 
     Returns:
       ``(next_state, kinetic_energy)``, the latter (B,) nats, after the O step.
@@ -108,7 +109,7 @@ def update(rng_key: Array, state: UnderdampedState, drift: Array, hparams: Under
     c = jnp.exp(-hparams.friction * hparams.step_size)
     v = c * (state.v + kick)
     if noise:
-        xi = jax.random.normal(rng_key, drift.shape, drift.dtype)
+        xi = langevin.draw_rows(jax.random.normal, rng_key, drift.shape, drift.dtype, axis_name)
         v = v + jnp.sqrt((1.0 - c * c) * g_metric) * xi
     kinetic_energy = 0.5 * jnp.sum(v * v / g_metric, axis=-1)
     v = v + kick
@@ -116,19 +117,20 @@ def update(rng_key: Array, state: UnderdampedState, drift: Array, hparams: Under
 
 
 def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, noise: bool = True,
-                 metric: Array | None = None, *, with_param_grad: bool = False) -> Callable:
+                 metric: Array | None = None, *, with_param_grad: bool = False,
+                 axis_name: str | None = None) -> Callable:
     """Returns the underdamped Langevin kernel for ``log_prob_fn``.
 
     Args and returns as :func:`lpc_jax.langevin.build_kernel`, with
     ``UnderdampedState``, ``UnderdampedHParams`` and ``UnderdampedInfo``; with
     ``with_param_grad``, ``grad_params`` is taken at the pre-move ``state.z``
-    from the same VJP as the drift.
+    from the same VJP as the drift; ``axis_name`` as there.
     """
 
     def transition(rng_key, state, hparams, log_prob, drift, log_prob_at):
         del log_prob_at
         new_state, kinetic_energy = update(rng_key, state, drift, hparams, precondition=precondition,
-                                           noise=noise, metric=metric)
+                                           noise=noise, metric=metric, axis_name=axis_name)
         return new_state, UnderdampedInfo(log_prob, jnp.linalg.norm(drift, axis=-1), kinetic_energy)
 
     return langevin.kernel_from_transition(transition, log_prob_fn, with_param_grad=with_param_grad)

@@ -7,6 +7,7 @@ reference runs are in this process (one device). Tiny MLP networks (6x6x1
 images, batch 8, latent 5, T = 3) keep every compile to about a second.
 """
 
+import functools
 import json
 import os
 import socket
@@ -32,7 +33,8 @@ SWEEP_STEP_SIZES = {4: [0.01, 0.03, 0.1, 0.3], 6: [0.01, 0.02, 0.03, 0.1, 0.2, 0
 
 # One worker, three jobs: {"train": [[workdir, num_train_steps], ...]} runs train.make_group's
 # data-parallel Trainer in order (a second entry with the same workdir resumes it),
-# {"sweeps": [K, ...]} runs sweep.run_sweep per K; {"bad_batch": B} tries a batch the devices cannot split.
+# {"sweeps": [K, ...]} runs sweep.run_sweep per K; {"bad_batch": B} tries a batch the devices cannot split;
+# {"chains": true} runs chain_cases() and sharded_draws().
 _WORKER = r"""
 import json, os, sys
 import jax
@@ -55,6 +57,8 @@ for k in args.get("sweeps", []):
                                       return_params=True)
     out[f"sweep_{k}"] = {"params": [t.flat(p) for p in params], "mode": summary["mode"],
                          "member_devices": distributed.member_devices(k)}
+if args.get("chains"):
+    out["chains"], out["draws"] = t.chain_cases(), t.sharded_draws()
 if "bad_batch" in args:
     try:
         distributed.data_parallel(args["bad_batch"])
@@ -145,7 +149,7 @@ def four_devices(tmp_path_factory):
     """One process with 4 forced CPU devices: a data-parallel run, a bad batch, sweeps of K = 4 and 6."""
     tmp = tmp_path_factory.mktemp("four_devices")
     out = _launch(4, train=[[str(tmp / "dp"), CONFIG.num_train_steps]], bad_batch=6, sweeps=[4, 6],
-                  workdir=str(tmp))
+                  workdir=str(tmp), chains=True)
     return tmp, out
 
 
@@ -178,6 +182,100 @@ def test_two_processes_resume_exactly(tmp_path):
     out = _launch(2, processes=2, train=[[straight, 4], [resumed, 2], [resumed, 4]])
     assert out[resumed] == out[straight]
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["2", "4"]
+
+
+# --------------------------------------------------------------------------- #
+# The data-parallel chain: shard_map, one all-reduce after the loop
+# --------------------------------------------------------------------------- #
+
+
+CHAIN_CASES = {"ula": {}, "ula_k2": {"theta_grad_every": 2}, "mala": {"sampler": "mala"},
+               "underdamped": {"sampler": "underdamped"}, "ula_bf16": {"chain_dtype": "bfloat16"}}
+
+
+def loop_all_reduces(hlo: str) -> int:
+    """All-reduces in compiled HLO text inside a while loop's body (or anything it calls)."""
+    import re
+
+    computations = dict(re.findall(r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)^\}", hlo, re.M | re.S))
+    todo = re.findall(r"\bbody=%([\w.\-]+)", hlo)
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen and name in computations:
+            seen.add(name)
+            todo += re.findall(r"%([\w.\-]+)", computations[name])
+    return sum(computations[name].count(" all-reduce(") for name in seen)
+
+
+def chain_cases() -> dict:
+    """In a process with several devices, per CHAIN_CASES entry: one LPC step on a batch
+    sharded over all of them, the chain under shard_map (``mesh``) and partitioned by XLA
+    (``mesh=None``): new params and Adam moments, metrics, and the all-reduces inside loops
+    of each program."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = distributed.mesh()
+    x = jax.device_put(jnp.asarray(images(8), jnp.float32) / 127.5 - 1.0, NamedSharding(mesh, P(distributed.AXIS)))
+    state = ts.create_train_state(jax.random.key(0), _MODEL, tiny.SHAPE, tiny.LATENT)
+    key, hp = jax.random.key(3), langevin.hparams(0.1, 0.9, 1e-8)
+    out = {}
+    for name, kw in CHAIN_CASES.items():
+        out[name] = {}
+        for variant, step_mesh in (("shard_map", mesh), ("gspmd", None)):
+            step = jax.jit(functools.partial(ts.lpc_train_step, model=_MODEL, num_steps=3, prior_init_batches=0,
+                                             mesh=step_mesh, **kw))
+            compiled = step.lower(state, x, key, hp).compile()
+            new_state, metrics = compiled(state, x, key, hp)
+            out[name][variant] = {"params": flat(new_state.params), "adam": flat(new_state.opt_state),
+                                  "metrics": flat(metrics),
+                                  "loop_all_reduces": loop_all_reduces(compiled.as_text())}
+    return out
+
+
+def sharded_draws() -> dict:
+    """Under shard_map with ``axis_name``: each sampler's 5-step chain on a Gaussian target, and
+    ``draw_rows`` itself, against the same unsharded: True where equal bit for bit."""
+    from jax.sharding import PartitionSpec as P
+
+    from lpc_jax import samplers
+
+    mesh, rows = distributed.mesh(), P(distributed.AXIS)
+    key, hp = jax.random.key(7), langevin.hparams(0.2, 0.9, 1e-8)
+    z0 = jax.random.normal(jax.random.key(8), (8, 3))
+    log_prob = lambda z: -0.5 * jnp.sum(z * z * jnp.array([1.0, 4.0, 0.25]), axis=-1)
+
+    def chain(name, z0, axis_name=None):
+        sampler = samplers.build(name, log_prob, friction=0.7, axis_name=axis_name)
+        return langevin.sample_chain(key, sampler.kernel, sampler.init(z0), hp, 5)[0].z
+
+    out = {}
+    for name in ("ula", "mala", "underdamped"):
+        sharded = jax.jit(jax.shard_map(functools.partial(chain, name, axis_name=distributed.AXIS), mesh=mesh,
+                                        in_specs=rows, out_specs=rows))(z0)
+        out[name] = bool(np.array_equal(sharded, jax.jit(functools.partial(chain, name))(z0)))
+    draw = jax.shard_map(lambda k: langevin.draw_rows(jax.random.normal, k, (2, 3), axis_name=distributed.AXIS),
+                         mesh=mesh, in_specs=P(), out_specs=rows)
+    out["draw_rows"] = bool(np.array_equal(jax.jit(draw)(key), jax.random.normal(key, (8, 3))))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CHAIN_CASES))
+def test_sharded_chain_equals_partitioned_chain_with_one_all_reduce(case, four_devices):
+    """The chain under shard_map gives XLA's partitioned chain's step up to float32
+    summation order, and all-reduces nothing inside its loop (XLA's does, every step)."""
+    got = four_devices[1]["chains"][case]
+    assert got["shard_map"]["loop_all_reduces"] == 0
+    assert got["gspmd"]["loop_all_reduces"] > 0
+    # bf16 decoder VJPs of 2-row shards round their sums (spacing 2^-7) unlike those of the whole batch
+    rtol = 1e-2 if case.endswith("bf16") else 1e-4
+    assert_close(got["shard_map"]["metrics"], got["gspmd"]["metrics"], rtol / 10, 1e-5)
+    assert_close(got["shard_map"]["params"], got["gspmd"]["params"], rtol, 1e-5)
+    assert_close(got["shard_map"]["adam"], got["gspmd"]["adam"], rtol, 1e-8)  # mu, nu: the gradient's scale
+
+
+def test_sharded_chains_draw_the_unsharded_noise(four_devices):
+    assert four_devices[1]["draws"] == {"ula": True, "mala": True, "underdamped": True, "draw_rows": True}
 
 
 # --------------------------------------------------------------------------- #
