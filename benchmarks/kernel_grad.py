@@ -1,8 +1,8 @@
-"""Convolution kernel gradients: previous vs current formulation, per layer and per chain step.
+"""Convolution kernel gradients: previous vs current formulations, per layer and per chain step.
 
     python -m benchmarks.kernel_grad              # every decoder layer, 9 interleaved rounds
     python -m benchmarks.kernel_grad --rounds 15
-    python -m benchmarks.kernel_grad --chain      # also the real train step's chain, old vs new
+    python -m benchmarks.kernel_grad --chain      # also the real train step's chain, old / before / new
 
 A Langevin step with the decoder gradient (paper eq. 8) computes, per transposed-conv
 layer, ``D[i, j] = sum_{n,u,v} a[n, s u + i, s v + j]^T g[n, u, v]`` (``a`` the padded
@@ -11,7 +11,14 @@ output cotangent, ``g`` the layer input; ``lpc_jax.layers._kernel_grad``). "old"
 matmul per kernel tap over a strided slice of ``a`` (from 16 channels of ``a``),
 otherwise one convolution with the batch as the contracted feature axis. "new" is
 ``layers._kernel_grad``: one matmul of ``a`` space-to-depth'ed against the shifts of
-``g`` (per-tap matmuls kept for small maps).
+``g``, or of the shifts of space-to-depth'ed ``a`` against ``g`` where that copies
+less (per-tap matmuls where the phase form's padding would add more than 1.3x).
+"g_shift" is ``_g_shift`` below, the phase form as it first was: always shifting
+``g``, per-tap matmuls from 1.5x padding.
+
+``--chain`` also times "before": the library as it was before this second change
+(kernel gradients ``_g_shift``; every strided conv, among them a transposed conv's
+input gradient, a plain strided conv, ``_strided``, not ``layers._strided_conv``).
 
 Per layer: the kernel gradient of each decoder layer of the 28x28x1 and 64x64x3 models
 (batch 64, shapes as in the chain), ``--steps`` calls inside a rolled ``lax.scan`` (the
@@ -20,10 +27,12 @@ with each formulation, the marginal ms per chain step. Programs are compiled ahe
 time and timed in interleaved rounds (the machine may be shared); each figure is the
 median over rounds.
 
-Printed: rows, the ratio new / old, then as the LAST line one JSON object:
-``{layer}_old_ms``, ``{layer}_new_ms``, ``{layer}_ratio``, the per-shape sums
-``decoder_{shape}_{old,new}_ms`` and ``decoder_{shape}_ratio``, with ``--chain``
-``chain_step_ms_{old,new}_{shape}`` and ``chain_step_ratio_{shape}``, and ``device``.
+Printed: rows, the ratios new / old and new / g_shift, then as the LAST line one JSON
+object: ``{layer}_{old,g_shift,new}_ms``, ``{layer}_ratio`` (new / old),
+``{layer}_ratio_vs_g_shift``, the per-shape sums ``decoder_{shape}_{old,g_shift,new}_ms``
+and ``decoder_{shape}_ratio``, ``decoder_{shape}_ratio_vs_g_shift``, with ``--chain``
+``chain_step_ms_{old,before,new}_{shape}``, ``chain_step_ratio_{shape}`` (new / old) and
+``chain_step_ratio_vs_before_{shape}``, and ``device``.
 """
 
 from __future__ import annotations
@@ -65,7 +74,39 @@ def _previous(a: Array, g: Array, s: int, k: int) -> Array:
 
 # --- end of the previous formulation ---
 
-FORMULATIONS = {"old": _previous, "new": layers._kernel_grad}
+# --- the phase form as first written (lpc_jax/layers.py at 7a9c48f), always shifting g ---
+
+
+def _g_shift(a: Array, g: Array, s: int, k: int) -> Array:
+    n, ha, wa, ca = a.shape
+    _, u, v, cg = g.shape
+    kk = -(-k // s)
+    hp, wp = u - 1 + kk, v - 1 + kk
+    if hp * wp > 1.5 * u * v:  # its _PHASE_MAX_PAD_RATIO
+        return layers._kernel_grad_per_tap(a, g, s, k)
+    a = layers._pad_hw(a, (0, s * hp - ha), (0, s * wp - wa))
+    a = a.reshape(n, hp, s, wp, s, ca).transpose(0, 1, 3, 2, 4, 5).reshape(n * hp * wp, s * s * ca)
+    shifts = [layers._pad_hw(g, (d_h, hp - u - d_h), (d_w, wp - v - d_w)) for d_h in range(kk) for d_w in range(kk)]
+    gs = jnp.concatenate(shifts, axis=-1).reshape(n * hp * wp, kk * kk * cg)
+    d = lax.dot_general(a, gs, (((0,), (0,)), ((), ())))
+    d = d.reshape(s, s, ca, kk, kk, cg).transpose(3, 0, 4, 1, 2, 5).reshape(kk * s, kk * s, ca, cg)
+    return d[:k, :k]
+
+
+def _strided(x: Array, w: Array, s: int, p: int) -> Array:
+    return layers._conv(x, w, s, ((p, p), (p, p)))
+
+
+@contextlib.contextmanager
+def _before():
+    """The layers before the shift of ``a`` and the space-to-depth strided conv."""
+    with bc.swapped(layers, "_kernel_grad", _g_shift), bc.swapped(layers, "_strided_conv", _strided):
+        yield
+
+
+# --- end ---
+
+FORMULATIONS = {"old": _previous, "g_shift": _g_shift, "new": layers._kernel_grad}
 
 
 def decoder_kernel_grads(image_shape) -> list[tuple[str, tuple, tuple, int, int]]:
@@ -83,12 +124,22 @@ def decoder_kernel_grads(image_shape) -> list[tuple[str, tuple, tuple, int, int]
 
 
 def _scan_program(fn, a: Array, g: Array, s: int, k: int, steps: int):
-    """``steps`` kernel gradients inside a rolled scan, each on a perturbed ``a`` (no hoisting)."""
+    """``steps`` kernel gradients inside a rolled scan, each on a perturbed ``a`` and ``g``: in
+    the chain both change every step, and a constant operand's copies (e.g. the shifts of
+    ``g``) would be hoisted out of the loop."""
     def body(c, _):
-        d = fn(a + c, g, s, k)
+        d = fn(a + c, g + c, s, k)
         return c + 1e-9 * d[0, 0, 0, 0], None
 
     return jax.jit(lambda: lax.scan(body, jnp.float32(0), None, length=steps)[0]).lower().compile()
+
+
+def _report(out: dict, name: str, what: str, ms: dict) -> None:
+    print(f"{name}  {what}: " + ", ".join(f"{f} {ms[f]:.3f} ms" for f in FORMULATIONS)
+          + f", new / old {ms['new'] / ms['old']:.3f}, new / g_shift {ms['new'] / ms['g_shift']:.3f}")
+    out.update({f"{name}_{f}_ms": ms[f] for f in FORMULATIONS})
+    out[f"{name}_ratio"] = ms["new"] / ms["old"]
+    out[f"{name}_ratio_vs_g_shift"] = ms["new"] / ms["g_shift"]
 
 
 def main(argv=None) -> dict:
@@ -109,27 +160,23 @@ def main(argv=None) -> dict:
             for fn in programs.values():
                 jax.block_until_ready(fn())
             ms = {name: t / args.steps for name, t in bc._interleaved_ms(programs, args.rounds).items()}
-            print(f"{layer}  a {a_shape} g {g_shape} s {s} k {k}: old {ms['old']:.3f} ms, new {ms['new']:.3f} ms,"
-                  f" new / old {ms['new'] / ms['old']:.3f}")
-            out.update({f"{layer}_old_ms": ms["old"], f"{layer}_new_ms": ms["new"],
-                        f"{layer}_ratio": ms["new"] / ms["old"]})
+            _report(out, layer, f"a {a_shape} g {g_shape} s {s} k {k}", ms)
             for name in totals:
                 totals[name] += ms[name]
-        print(f"decoder_{shape}  all kernel gradients: old {totals['old']:.3f} ms, new {totals['new']:.3f} ms,"
-              f" new / old {totals['new'] / totals['old']:.3f}")
-        out.update({f"decoder_{shape}_old_ms": totals["old"], f"decoder_{shape}_new_ms": totals["new"],
-                    f"decoder_{shape}_ratio": totals["new"] / totals["old"]})
+        _report(out, f"decoder_{shape}", "all kernel gradients", totals)
     if args.chain:
         for shape in ("28x28x1", "64x64x3"):
             marginal = bc.chain_step_ms_by_formulation(shape, {
                 "old": functools.partial(bc.swapped, layers, "_kernel_grad", _previous),
-                "new": contextlib.nullcontext}, max(3, args.rounds // 2))
+                "before": _before, "new": contextlib.nullcontext}, max(3, args.rounds // 2))
             t_short, t_long = bc.CHAIN_T[shape]
-            print(f"{shape}  real train step, marginal ms per chain step (T = {t_short} vs {t_long}):"
-                  f" old {marginal['old']:.3f} ms, new {marginal['new']:.3f} ms,"
-                  f" new / old {marginal['new'] / marginal['old']:.3f}")
-            out.update({f"chain_step_ms_old_{shape}": marginal["old"], f"chain_step_ms_new_{shape}": marginal["new"],
-                        f"chain_step_ratio_{shape}": marginal["new"] / marginal["old"]})
+            print(f"{shape}  real train step, marginal ms per chain step (T = {t_short} vs {t_long}): "
+                  + ", ".join(f"{name} {ms:.3f} ms" for name, ms in marginal.items())
+                  + f", new / old {marginal['new'] / marginal['old']:.3f}"
+                  + f", new / before {marginal['new'] / marginal['before']:.3f}")
+            out.update({f"chain_step_ms_{name}_{shape}": ms for name, ms in marginal.items()})
+            out[f"chain_step_ratio_{shape}"] = marginal["new"] / marginal["old"]
+            out[f"chain_step_ratio_vs_before_{shape}"] = marginal["new"] / marginal["before"]
     out["device"] = str(jax.devices()[0].device_kind)
     print(json.dumps(out))
     return out

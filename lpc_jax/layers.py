@@ -42,7 +42,8 @@ in loops), with the large operand always the convolution's lhs:
   a depth-to-space reshape interleaves the phases;
 * a transposed conv's input gradient is the plain strided conv of the cotangent
   with the flipped, in/out-swapped kernel (PyTorch's Conv2d / ConvTranspose2d
-  duality);
+  duality); over few channels (an RGB cotangent) a strided conv is slow on XLA:CPU,
+  so it is run as a stride-1 conv of the space-to-depth'ed input;
 * a kernel gradient is one matmul contracting (batch x output pixels): the larger
   operand (input for Conv, cotangent for ConvTranspose) space-to-depth'ed by the
   stride, so every tap is an undilated shift, against the zero-padded shifts of the
@@ -80,7 +81,7 @@ Array = jax.Array
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _SUBPIXEL_MAX_CHANNELS = 16  # one combined conv when s * s * out <= this, else one conv per phase
-_PHASE_MAX_PAD_RATIO = 1.5  # kernel gradient in phase form unless its padding adds more than this
+_PHASE_MAX_PAD_RATIO = 1.3  # kernel gradient in phase form unless its padding adds more than this
 
 
 # --------------------------------------------------------------------------- helpers
@@ -95,6 +96,26 @@ def _conv_padded(x: Array, w: Array, h: tuple[int, int], wd: tuple[int, int]) ->
     """Stride-1 ``_conv`` with (lo, hi) zero padding per spatial axis; negative values crop."""
     crop = _pad_hw(x, (min(h[0], 0), min(h[1], 0)), (min(wd[0], 0), min(wd[1], 0)))
     return _conv(crop, w, 1, ((max(h[0], 0), max(h[1], 0)), (max(wd[0], 0), max(wd[1], 0))))
+
+
+def _strided_conv(x: Array, w: Array, s: int, p: int) -> Array:
+    """``_conv(x, w, s, ((p, p), (p, p)))``; for a thin input (``s * s * C_in <=
+    _SUBPIXEL_MAX_CHANNELS``, e.g. an RGB image's cotangent) a stride-1 conv of ``x``
+    space-to-depth'ed by ``s``, with the kernel split into its ``ceil(k / s)^2`` phase
+    blocks (zero taps where ``k`` is not a multiple of ``s``): the same multiply-adds,
+    which XLA:CPU runs several times faster than a strided conv over few channels."""
+    n, h, wd, ci = x.shape
+    k, co = w.shape[0], w.shape[3]
+    if s == 1 or s * s * ci > _SUBPIXEL_MAX_CHANNELS:
+        return _conv(x, w, s, ((p, p), (p, p)))
+    kk = -(-k // s)
+    ho, wo = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
+    hp, wp = ho - 1 + kk, wo - 1 + kk  # space-to-depth'ed rows and columns the outputs read
+    x = _pad_hw(x, (p, s * hp - h - p), (p, s * wp - wd - p))  # negative: rows no output reads
+    x = x.reshape(n, hp, s, wp, s, ci).transpose(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, s * s * ci)
+    w = jnp.pad(w, ((0, kk * s - k), (0, kk * s - k), (0, 0), (0, 0)))
+    w = w.reshape(kk, s, kk, s, ci, co).transpose(0, 2, 1, 3, 4, 5).reshape(kk, kk, s * s * ci, co)
+    return _conv(x, w)
 
 
 def _pad_hw(x: Array, h: tuple[int, int], w: tuple[int, int]) -> Array:
@@ -190,11 +211,18 @@ def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
     g[n, p - d_h, q - d_w]`` with ``a_r = a[:, r_h::s, r_w::s]`` and ``g`` zero outside
     its (U, V) window, so ``a`` space-to-depth'ed to (N P Q, s s C_a) against the kk^2
     zero-padded shifts of ``g`` side by side, (N P Q, kk kk C_g), is the whole
-    gradient, (P, Q) = (U + kk - 1, V + kk - 1). It copies ``a`` once, where one matmul
-    per tap copies a strided slice of ``a`` per tap (k^2 copies, most of that path's
-    time on XLA:CPU), but it multiplies the (P Q) / (U V) padding: on small maps,
-    where that exceeds ``_PHASE_MAX_PAD_RATIO``, ``_kernel_grad_per_tap``. Returns
-    (k, k, C_a, C_g).
+    gradient, (P, Q) = (U + kk - 1, V + kk - 1). Equally, ``D[i, j] = sum_{n, u, v}
+    a_r[n, u + d_h, v + d_w]^T g[n, u, v]``: the kk^2 shifts (slices) of the
+    space-to-depth'ed ``a`` side by side, (N U V, kk kk s s C_a), against ``g`` as it
+    is, (N U V, C_g); that form is taken when ``a`` has fewer channels after
+    space-to-depth than ``g`` (e.g. an RGB output layer's cotangent): it copies fewer
+    numbers, and XLA:CPU's matmul prefers the wider operand unshifted (a 28x28 stride-1
+    layer, 32 channels each, is 1.14x slower shifting ``a``, although that copies
+    less; ``python -m benchmarks.kernel_grad``). Either copies ``a`` once, where
+    one matmul per tap copies a strided slice of ``a`` per tap (k^2 copies, most of
+    that path's time on XLA:CPU), but multiplies the (P Q) / (U V) padding: on small
+    maps, where that exceeds ``_PHASE_MAX_PAD_RATIO``, ``_kernel_grad_per_tap``.
+    Returns (k, k, C_a, C_g).
     """
     n, ha, wa, ca = a.shape
     _, u, v, cg = g.shape
@@ -203,12 +231,19 @@ def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
     if hp * wp > _PHASE_MAX_PAD_RATIO * u * v:
         return _kernel_grad_per_tap(a, g, s, k)
     a = _pad_hw(a, (0, s * hp - ha), (0, s * wp - wa))  # negative: rows no tap reaches
-    a = a.reshape(n, hp, s, wp, s, ca).transpose(0, 1, 3, 2, 4, 5).reshape(n * hp * wp, s * s * ca)
-    shifts = [_pad_hw(g, (d_h, hp - u - d_h), (d_w, wp - v - d_w)) for d_h in range(kk) for d_w in range(kk)]
-    gs = jnp.concatenate(shifts, axis=-1).reshape(n * hp * wp, kk * kk * cg)
-    d = lax.dot_general(a, gs, (((0,), (0,)), ((), ())))  # (r_h, r_w, C_a) x (d_h, d_w, C_g)
-    d = d.reshape(s, s, ca, kk, kk, cg).transpose(3, 0, 4, 1, 2, 5).reshape(kk * s, kk * s, ca, cg)
-    return d[:k, :k]
+    a = a.reshape(n, hp, s, wp, s, ca).transpose(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, s * s * ca)
+    taps = [(d_h, d_w) for d_h in range(kk) for d_w in range(kk)]
+    if s * s * ca < cg:  # shift a: (d_h, d_w, r_h, r_w, C_a) x C_g
+        shifts = [lax.slice(a, (0, d_h, d_w, 0), (n, d_h + u, d_w + v, s * s * ca)) for d_h, d_w in taps]
+        a_shifted = jnp.concatenate(shifts, axis=-1).reshape(n * u * v, kk * kk * s * s * ca)
+        d = lax.dot_general(a_shifted, g.reshape(n * u * v, cg), (((0,), (0,)), ((), ())))
+        d = d.reshape(kk, kk, s, s, ca, cg).transpose(0, 2, 1, 3, 4, 5)
+    else:  # shift g: (r_h, r_w, C_a) x (d_h, d_w, C_g)
+        shifts = [_pad_hw(g, (d_h, hp - u - d_h), (d_w, wp - v - d_w)) for d_h, d_w in taps]
+        gs = jnp.concatenate(shifts, axis=-1).reshape(n * hp * wp, kk * kk * cg)
+        d = lax.dot_general(a.reshape(n * hp * wp, s * s * ca), gs, (((0,), (0,)), ((), ())))
+        d = d.reshape(s, s, ca, kk, kk, cg).transpose(3, 0, 4, 1, 2, 5)
+    return d.reshape(kk * s, kk * s, ca, cg)[:k, :k]
 
 
 # --------------------------------------------------------------------------- vmap rules
@@ -248,7 +283,7 @@ def _batched_ops(kind: str, *static):
     """The three building blocks, with their vmap rules, per static configuration."""
     if kind == "conv":
         s, p = static
-        return _fold_or_loop(lambda x, w: _conv(x, w, s, ((p, p), (p, p))), True)
+        return _fold_or_loop(lambda x, w: _strided_conv(x, w, s, p), True)
     if kind == "conv_transpose":
         s, p, extra = static
         return _fold_or_loop(lambda x, w: _conv_transpose(x, w, s, p, extra), True)

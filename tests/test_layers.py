@@ -266,20 +266,38 @@ def test_vmap_rule_off_cpu(monkeypatch):
 @pytest.mark.parametrize("s,k,u,v", [
     (2, 4, 16, 16),  # phase form: (P Q) / (U V) = 289 / 256
     (2, 4, 3, 3),  # one matmul per tap: 16 / 9 > layers._PHASE_MAX_PAD_RATIO
-    (1, 3, 12, 12),  # stride 1: nine shifts of g, no space-to-depth
-    (2, 3, 7, 5),  # k not a multiple of s: the phase form's extra taps are cropped
+    (1, 3, 20, 20),  # stride 1: nine shifts, no space-to-depth
+    (2, 3, 15, 13),  # k not a multiple of s: the phase form's extra taps are cropped
     (3, 2, 6, 4),  # stride > kernel: taps that exist for no phase
 ])
-def test_kernel_grad_is_its_defining_sum(s, k, u, v):
+@pytest.mark.parametrize("ca,cg", [(5, 3), (2, 24)], ids=["shift_g", "shift_a"])  # which operand is shifted
+def test_kernel_grad_is_its_defining_sum(s, k, u, v, ca, cg):
     """``_kernel_grad(a, g)[i, j] = sum_{n,u,v} a[n, s u + i, s v + j]^T g[n, u, v]``, by numpy,
     with ``a`` one row and column longer than any tap reaches (the phase form crops them)."""
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(3, s * (u - 1) + k + 1, s * (v - 1) + k + 1, 5)).astype(np.float32)
-    g = rng.normal(size=(3, u, v, 4)).astype(np.float32)
-    expected = np.zeros((k, k, 5, 4))
+    a = rng.normal(size=(3, s * (u - 1) + k + 1, s * (v - 1) + k + 1, ca)).astype(np.float32)
+    g = rng.normal(size=(3, u, v, cg)).astype(np.float32)
+    expected = np.zeros((k, k, ca, cg))
     for i in range(k):
         for j in range(k):
             window = a[:, i: i + s * (u - 1) + 1: s, j: j + s * (v - 1) + 1: s]
             expected[i, j] = np.einsum("nuva,nuvb->ab", window.astype(np.float64), g.astype(np.float64))
     actual = jax.jit(layers._kernel_grad, static_argnums=(2, 3))(a, g, s, k)
     _assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("s,k,p,h,ci", [
+    (2, 4, 1, 12, 3),  # space-to-depth: the 64x64x3 decoder's last input gradient, smaller
+    (2, 4, 1, 9, 1),  # odd size: the last row is read by no output
+    (2, 3, 1, 8, 2),  # k not a multiple of s: zero taps in the phase blocks
+    (3, 3, 1, 10, 1),  # the encoder's first 64x64 layer's stride
+    (2, 4, 1, 8, 8),  # s * s * ci > 16: the strided conv itself
+])
+def test_strided_conv_equals_lax(s, k, p, h, ci):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, h, h + 1, ci)).astype(np.float32)
+    w = rng.normal(size=(k, k, ci, 6)).astype(np.float32)
+    expected = jax.lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision=jax.lax.Precision.HIGHEST)
+    _assert_close(jax.jit(layers._strided_conv, static_argnums=(2, 3))(x, w, s, p), expected)
