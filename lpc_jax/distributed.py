@@ -19,7 +19,9 @@ One code path for one device, N local devices and N hosts:
     shard_index=process_index, shard_count=process_count)``) and
     :meth:`Placement.put_batch` assembles the global array with
     ``jax.make_array_from_process_local_data``. The jitted step is the
-    single-device one; XLA partitions it (GSPMD) and all-reduces the gradients, so
+    single-device one; XLA partitions it (GSPMD) and all-reduces the gradients, but
+    for the LPC chain, which the step runs under ``shard_map`` on this mesh (one
+    all-reduce after its loop; ``train_step.lpc_train_step``'s ``mesh``), so
     results equal a one-device run with the same global batch up to float32
     summation order.
   - :func:`member_parallel` (a sweep): the stacked member axis of K members is
