@@ -14,6 +14,11 @@ every k-th step only (a random phase, weight k/T: unbiased for eq. 8's average),
 other steps a VJP w.r.t. z alone; ``chain_dtype="bfloat16"`` runs the decoder's VJP in
 bf16 with everything else float32.
 
+Given a ``mesh`` (a data-parallel run over several devices) the chain runs under
+``shard_map``: each device runs its rows' chains and sums its own grad_theta, with one
+all-reduce after the T steps, where XLA's partitioning of the step would all-reduce on
+every step (``benchmarks/RESULTS.md``).
+
 ``vae_train_step`` trains the very same networks with the reparameterised ELBO.
 
 Both have signature ``step(state, x, rng_key, hparams) -> (state, metrics)``

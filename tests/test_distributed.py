@@ -58,7 +58,7 @@ for k in args.get("sweeps", []):
     out[f"sweep_{k}"] = {"params": [t.flat(p) for p in params], "mode": summary["mode"],
                          "member_devices": distributed.member_devices(k)}
 if args.get("chains"):
-    out["chains"], out["draws"] = t.chain_cases(), t.sharded_draws()
+    out["chains"], out["draws"], out["bad_meshes"] = t.chain_cases(), t.sharded_draws(), t.bad_meshes()
 if "bad_batch" in args:
     try:
         distributed.data_parallel(args["bad_batch"])
@@ -258,6 +258,31 @@ def sharded_draws() -> dict:
                          mesh=mesh, in_specs=P(), out_specs=rows)
     out["draw_rows"] = bool(np.array_equal(jax.jit(draw)(key), jax.random.normal(key, (8, 3))))
     return out
+
+
+def bad_meshes() -> dict:
+    """The errors of ``lpc_train_step`` given a mesh its batch cannot be split over: 6 rows on
+    4 devices, and a 2-D mesh."""
+    from jax.sharding import Mesh
+
+    state = ts.create_train_state(jax.random.key(0), _MODEL, tiny.SHAPE, tiny.LATENT)
+    meshes = {"rows": (distributed.mesh(), 6), "axes": (Mesh(np.asarray(jax.devices()).reshape(2, -1), ("a", "b")), 8)}
+    out = {}
+    for name, (mesh, batch) in meshes.items():
+        try:
+            jax.eval_shape(functools.partial(ts.lpc_train_step, model=_MODEL, num_steps=2, mesh=mesh), state,
+                           jnp.zeros((batch, *tiny.SHAPE)), jax.random.key(1), langevin.hparams(0.1))
+            out[name] = "accepted"
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def test_sharded_chain_rejects_a_mesh_it_cannot_split_over(four_devices):
+    errors = four_devices[1]["bad_meshes"]
+    assert "batch of 6 rows cannot be split evenly over the mesh's 4 devices" in errors["rows"]
+    assert "multiple of 4" in errors["rows"]
+    assert "mesh has axes ('a', 'b')" in errors["axes"] and "1-D mesh" in errors["axes"]
 
 
 @pytest.mark.parametrize("case", list(CHAIN_CASES))
