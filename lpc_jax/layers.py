@@ -215,13 +215,13 @@ def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
     a_r[n, u + d_h, v + d_w]^T g[n, u, v]``: the kk^2 shifts (slices) of the
     space-to-depth'ed ``a`` side by side, (N U V, kk kk s s C_a), against ``g`` as it
     is, (N U V, C_g); that form is taken when ``a`` has fewer channels after
-    space-to-depth than ``g`` (e.g. an RGB output layer's cotangent): it copies fewer
-    numbers, and XLA:CPU's matmul prefers the wider operand unshifted (a 28x28 stride-1
-    layer, 32 channels each, is 1.14x slower shifting ``a``, although that copies
-    less; ``python -m benchmarks.kernel_grad``). Either copies ``a`` once, where
-    one matmul per tap copies a strided slice of ``a`` per tap (k^2 copies, most of
-    that path's time on XLA:CPU), but multiplies the (P Q) / (U V) padding: on small
-    maps, where that exceeds ``_PHASE_MAX_PAD_RATIO``, ``_kernel_grad_per_tap``.
+    space-to-depth than ``g`` (e.g. an RGB output layer's cotangent). Copying less is
+    not enough: with 32 channels on both sides, XLA:CPU's matmul ran slower with ``g``
+    unshifted although the shifts of ``a`` were the smaller copy. Either form copies
+    ``a`` once, where one matmul per tap copies a strided slice of ``a`` per tap (k^2
+    copies, most of that path's time on XLA:CPU), but multiplies the (P Q) / (U V)
+    padding: on small maps, where that exceeds ``_PHASE_MAX_PAD_RATIO``,
+    ``_kernel_grad_per_tap``.
     Returns (k, k, C_a, C_g).
     """
     n, ha, wa, ca = a.shape
