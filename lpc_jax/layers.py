@@ -104,18 +104,25 @@ def _strided_conv(x: Array, w: Array, s: int, p: int) -> Array:
     space-to-depth'ed by ``s``, with the kernel split into its ``ceil(k / s)^2`` phase
     blocks (zero taps where ``k`` is not a multiple of ``s``): the same multiply-adds,
     which XLA:CPU runs several times faster than a strided conv over few channels."""
-    n, h, wd, ci = x.shape
+    _, h, wd, ci = x.shape
     k, co = w.shape[0], w.shape[3]
     if s == 1 or s * s * ci > _SUBPIXEL_MAX_CHANNELS:
         return _conv(x, w, s, ((p, p), (p, p)))
     kk = -(-k // s)
     ho, wo = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
-    hp, wp = ho - 1 + kk, wo - 1 + kk  # space-to-depth'ed rows and columns the outputs read
-    x = _pad_hw(x, (p, s * hp - h - p), (p, s * wp - wd - p))  # negative: rows no output reads
-    x = x.reshape(n, hp, s, wp, s, ci).transpose(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, s * s * ci)
+    x = _space_to_depth(x, s, p, ho - 1 + kk, wo - 1 + kk)  # the rows and columns the outputs read
     w = jnp.pad(w, ((0, kk * s - k), (0, kk * s - k), (0, 0), (0, 0)))
     w = w.reshape(kk, s, kk, s, ci, co).transpose(0, 2, 1, 3, 4, 5).reshape(kk, kk, s * s * ci, co)
     return _conv(x, w)
+
+
+def _space_to_depth(x: Array, s: int, lo: int, hp: int, wp: int) -> Array:
+    """(N, H, W, C) -> (N, hp, wp, s s C), channels ordered (r_h, r_w, C): entry
+    [n, i, j, (r_h, r_w, c)] is ``x[n, s i + r_h - lo, s j + r_w - lo, c]``, zero outside
+    ``x`` (padded by ``lo`` before, padded or cropped to s hp x s wp after)."""
+    n, h, w, c = x.shape
+    x = _pad_hw(x, (lo, s * hp - h - lo), (lo, s * wp - w - lo))
+    return x.reshape(n, hp, s, wp, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, s * s * c)
 
 
 def _pad_hw(x: Array, h: tuple[int, int], w: tuple[int, int]) -> Array:
@@ -224,14 +231,13 @@ def _kernel_grad(a: Array, g: Array, s: int, k: int) -> Array:
     ``_kernel_grad_per_tap``.
     Returns (k, k, C_a, C_g).
     """
-    n, ha, wa, ca = a.shape
+    n, _, _, ca = a.shape
     _, u, v, cg = g.shape
     kk = -(-k // s)
     hp, wp = u - 1 + kk, v - 1 + kk
     if hp * wp > _PHASE_MAX_PAD_RATIO * u * v:
         return _kernel_grad_per_tap(a, g, s, k)
-    a = _pad_hw(a, (0, s * hp - ha), (0, s * wp - wa))  # negative: rows no tap reaches
-    a = a.reshape(n, hp, s, wp, s, ca).transpose(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, s * s * ca)
+    a = _space_to_depth(a, s, 0, hp, wp)  # cropped: rows no tap reaches
     taps = [(d_h, d_w) for d_h in range(kk) for d_w in range(kk)]
     if s * s * ca < cg:  # shift a: (d_h, d_w, r_h, r_w, C_a) x C_g
         shifts = [lax.slice(a, (0, d_h, d_w, 0), (n, d_h + u, d_w + v, s * s * ca)) for d_h, d_w in taps]
