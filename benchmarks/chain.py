@@ -88,9 +88,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpc_jax import data, distributed, langevin, sweep
-from lpc_jax import train_step as ts
-from lpc_jax.config import Config
+from lpc_jax.data import pipeline, sources
+from lpc_jax.model import chain
+from lpc_jax.model.state import create_train_state
+from lpc_jax.runtime import distributed
+from lpc_jax.sampling import langevin
+from lpc_jax.training import build, sweep
+from lpc_jax.training.config import Config
 
 T_LONG = 300
 SHAPES = {"28x28x1": "fashion_mnist", "64x64x3": "celeba"}
@@ -130,24 +134,24 @@ def _mem_bytes(compiled) -> int | None:
 
 
 def _batch(dataset: str, batch_size: int) -> tuple[jax.Array, str]:
-    shape = data.image_shape(dataset)
+    shape = sources.image_shape(dataset)
     try:
         if dataset != "fashion_mnist":
             raise FileNotFoundError(dataset)
-        images = data.load("fashion_mnist", "train", "idx", None, batch_size).images
-        return jnp.asarray(data.to_float(images[:batch_size])), "Fashion-MNIST train[:64]"
+        images = sources.load("fashion_mnist", "train", "idx", None, batch_size).images
+        return jnp.asarray(sources.to_float(images[:batch_size])), "Fashion-MNIST train[:64]"
     except Exception:  # noqa: BLE001  (no dataset: shapes are what matter)
         x = jax.random.randint(jax.random.key(1), (batch_size, *shape), 0, 256)
-        return jnp.asarray(data.to_float(np.asarray(x, np.uint8))), "random 8-bit images"
+        return jnp.asarray(sources.to_float(np.asarray(x, np.uint8))), "random 8-bit images"
 
 
 def _setup(dataset: str, **overrides):
     """Config, model, initial state, batch and its source for one image shape."""
     config = Config(dataset=dataset, batch_size=64, latent_dim=40, warm_start="jeffreys", preconditioner=True,
                     step_size=0.1, decay=0.99, **overrides)
-    model = ts.build_model(config)
-    shape = data.image_shape(dataset)
-    state = jax.jit(ts.create_train_state, static_argnums=(1, 2, 3))(jax.random.key(0), model, shape, 40)
+    model = build.build_model(config)
+    shape = sources.image_shape(dataset)
+    state = jax.jit(create_train_state, static_argnums=(1, 2, 3))(jax.random.key(0), model, shape, 40)
     x, source = _batch(dataset, config.batch_size)
     return config, model, state, x, source
 
@@ -157,7 +161,7 @@ def _row(name, value, unit=""):
 
 
 def _step_of(config, model, mesh=None, **overrides):
-    return ts.make_train_step(dataclasses.replace(config, **overrides), model, mesh)
+    return build.make_train_step(dataclasses.replace(config, **overrides), model, mesh)
 
 
 def _interleaved_ms(programs: dict, reps: int) -> dict:
@@ -260,10 +264,10 @@ def _sweep_section(out: dict, quick: bool, reps: int) -> None:
     t_sweep, K = (10 if quick else 30), 8
     config, model, state, x, _ = _setup("fashion_mnist", num_steps=10 if quick else 30)
     key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
-    single = _compile(ts.make_train_step(config, model), state, x, key, hp)[0]
+    single = _compile(build.make_train_step(config, model), state, x, key, hp)[0]
     states = sweep.stack_trees([state] * K)
     keys = jax.random.split(key, K)
-    hps = sweep.stack_hparams(list(np.geomspace(1e-3, 0.5, K)), [0.99] * K)
+    hps = langevin.stack_hparams(list(np.geomspace(1e-3, 0.5, K)), [0.99] * K)
     seq_all = []
     for mode in sweep.SWEEP_MODES:
         fn, c_k = _compile(sweep.make_sweep_step(config, model, mode=mode), states, x, keys, hps)
@@ -305,11 +309,11 @@ def sweep_worker(num_steps: int, reps: int) -> dict:
     K = 8
     config, model, state, x, _ = _setup("fashion_mnist", num_steps=num_steps)
     key, hp = jax.random.key(2), langevin.hparams(config.step_size, config.decay, config.eps)
-    single = _compile(ts.make_train_step(config, model), state, x, key, hp)[0]
+    single = _compile(build.make_train_step(config, model), state, x, key, hp)[0]
     placement = distributed.member_parallel(K)
     keys = jax.random.split(key, K)
     args = [placement.put_state(a) for a in (sweep.stack_trees([state] * K), keys,
-                                              sweep.stack_hparams(list(np.geomspace(1e-3, 0.5, K)), [0.99] * K))]
+                                              langevin.stack_hparams(list(np.geomspace(1e-3, 0.5, K)), [0.99] * K))]
     fn = _compile(sweep.make_sweep_step(config, model, mode="map", mesh=placement.state.mesh),
                   args[0], x, *args[1:])[0]
     seq, swp = [], []
@@ -321,11 +325,11 @@ def sweep_worker(num_steps: int, reps: int) -> dict:
             "sweep_ms": ms_k, "sequential_ms": ms_seq, "speedup": ms_seq / ms_k}
 
 
-def _gspmd_chain(mesh, run_chain, *chain_args, init):
+def _gspmd_chain(mesh, run, inputs, *, init):
     """The data-parallel chain before ``shard_map``: the step's own, partitioned by XLA
     (GSPMD), which all-reduces grad_theta inside the loop, on every chain step."""
     del mesh, init
-    return run_chain(*chain_args)
+    return run(inputs)
 
 
 def data_parallel_worker(shape: str, reps: int) -> dict:
@@ -337,13 +341,13 @@ def data_parallel_worker(shape: str, reps: int) -> dict:
     placement = distributed.data_parallel(64)  # _setup's batch
     ms = chain_step_ms_by_formulation(shape, {
         "shard_map": contextlib.nullcontext,
-        "gspmd": functools.partial(swapped, ts, "_run_chain_data_parallel", _gspmd_chain)}, reps, placement)
+        "gspmd": functools.partial(swapped, chain, "run_chain_data_parallel", _gspmd_chain)}, reps, placement)
     return {"devices": jax.device_count(), "chain_step_ms": ms["shard_map"], "chain_step_ms_gspmd": ms["gspmd"]}
 
 
 def _kernels(model, x, theta, chain_dtype="float32"):
     """The train step's two chain kernels: joint (theta, z) VJP, and z-only VJP."""
-    log_joint = ts.chain_log_joint(model, x, chain_dtype=chain_dtype)
+    log_joint = chain.chain_log_joint(model, x, chain_dtype=chain_dtype)
     kernel = langevin.build_kernel(log_joint, precondition=True, with_param_grad=True)
     return kernel, langevin.build_kernel(lambda z: log_joint(theta, z), precondition=True)
 
@@ -425,7 +429,7 @@ def _cond_vs_scans(out: dict, reps: int, k: int = 5, num_steps: int = 40) -> Non
         return (lstate, carry[1]), info.log_prob.mean()
 
     def cond_chain(z0, keys):
-        selected = ts.theta_grad_steps(num_steps, k, k - 1)
+        selected = chain.theta_grad_steps(num_steps, k, k - 1)
         step = lambda c, xs: jax.lax.cond(xs[1], joint_step, zonly_step, c, xs[0])
         return jax.lax.scan(step, (langevin.init(z0), zeros), (keys, selected))
 
@@ -439,8 +443,8 @@ def _cond_vs_scans(out: dict, reps: int, k: int = 5, num_steps: int = 40) -> Non
               "joint": lambda z0, keys: jax.lax.scan(joint_step, (langevin.init(z0), zeros), keys),
               "zonly": lambda z0, keys: jax.lax.scan(zonly_step, (langevin.init(z0), zeros), keys)}
     programs = {}
-    for name, chain in chains.items():
-        fn = _compile(chain, z0, keys)[0]
+    for name, program in chains.items():
+        fn = _compile(program, z0, keys)[0]
         jax.block_until_ready(fn(z0, keys))
         programs[name] = lambda fn=fn: fn(z0, keys)
     ms = _interleaved_ms(programs, max(reps, 7))  # under a second each: more rounds
@@ -461,7 +465,7 @@ def table4(out: dict, reps: int) -> None:
                  "lpc_jeffreys": config}
         print(f"Table 4 analogue, {shape} ({source}), T={T_LONG}, batch 64, median of {reps} steps")
         for name, cfg in steps.items():
-            fn, c = _compile(ts.make_train_step(cfg, model), state, x, key, hp)
+            fn, c = _compile(build.make_train_step(cfg, model), state, x, key, hp)
             if name == "vae":
                 jax.block_until_ready(fn(state, x, key, hp))
             seconds = _median_ms(lambda: fn(state, x, key, hp), reps if name != "vae" else 5 * reps) / 1e3
@@ -479,18 +483,18 @@ def table4(out: dict, reps: int) -> None:
 def scaling_worker(steps: int, reps: int) -> dict:
     """In a process with N (forced) devices: steps/s of ``train.make_group``'s step, the main job's settings."""
     from experiments.fashion_mnist import DEFAULTS
-    from lpc_jax import loop, train
+    from lpc_jax.training import loop, train
 
     config = Config(**{**DEFAULTS, "batch_size": 64})
-    model = ts.build_model(config)
+    model = build.build_model(config)
     keys = loop.run_keys(0)
     group = train.make_group(config, model, keys)
     state = group.placement.put_state(loop.init_state(keys.init, model, (28, 28, 1), config.latent_dim))
     try:
-        images = data.load("fashion_mnist", "train", "idx", None, 64 * 20).images
+        images = sources.load("fashion_mnist", "train", "idx", None, 64 * 20).images
     except Exception:  # noqa: BLE001  (no dataset: random 8-bit images)
         images = np.random.default_rng(0).integers(0, 256, (64 * 20, 28, 28, 1), dtype=np.uint8)
-    batches = [x for _, x in data.step_batches(images, 64, 0, 0, 20)]
+    batches = [x for _, x in pipeline.step_batches(images, 64, 0, 0, 20)]
 
     def run(state, start, n):
         for i in range(start, start + n):

@@ -6,8 +6,8 @@
 
 Two measurements, "before" (the pre-grain code, kept verbatim below: the whole
 split read into one uint8 array, one ``source[i]`` at a time, then
-``step_batches``) against "after" (``data.open_images`` + ``data.step_batches``
-on grain, ``lpc_jax.pipeline``):
+``step_batches``) against "after" (``sources.open_images`` + ``pipeline.step_batches``
+on grain, ``lpc_jax.data.pipeline``):
 
 * Start-up, on ``tfds.testing.mock_data`` shaped like ``celeb_a`` (218x178x3
   images, centre-cropped and resized to 64x64x3): seconds from opening the split
@@ -42,7 +42,7 @@ import time
 
 import numpy as np
 
-from lpc_jax import data, pipeline  # noqa: F401  (grain imported up front: both variants pay the same imports)
+from lpc_jax.data import pipeline, sources  # noqa: F401  (grain imported up front: both variants pay the same imports)
 
 
 def _rss_mb() -> float:
@@ -57,21 +57,21 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-# The pre-grain code, verbatim (lpc_jax/data.py before the grain pipeline).
+# The pre-grain code, verbatim (lpc_jax/sources.py before the grain pipeline).
 def _before_load_tfds(name, split, data_dir=None, max_examples=None):
     import tensorflow_datasets as tfds
 
-    tfds_name, shape = data.DATASETS[name][0], data.image_shape(name)
+    tfds_name, shape = sources.DATASETS[name][0], sources.image_shape(name)
     source = tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
     n = len(source) if max_examples is None else min(len(source), max_examples)
     images = np.empty((n, *shape), np.uint8)
     labels = np.full((n,), -1, np.int64)
     for i in range(n):
         example = source[i]
-        images[i] = data._preprocess_tfds(name, np.asarray(example["image"]))
+        images[i] = sources._preprocess_tfds(name, np.asarray(example["image"]))
         if "label" in example:
             labels[i] = int(example["label"])
-    return data.Dataset(images, labels)
+    return sources.Dataset(images, labels)
 
 
 def _before_step_batches(images, batch_size, seed, start_step, num_steps):
@@ -81,8 +81,8 @@ def _before_step_batches(images, batch_size, seed, start_step, num_steps):
     for step in range(start_step, num_steps):
         epoch, index = divmod(step, steps_per_epoch)
         if step == start_step or index == 0:
-            order = data.epoch_order(images.shape[0], seed, epoch)
-        yield step, data.to_float(images[order[index * batch_size : (index + 1) * batch_size]])
+            order = pipeline.epoch_order(images.shape[0], seed, epoch)
+        yield step, sources.to_float(images[order[index * batch_size : (index + 1) * batch_size]])
 
 
 def startup(variant: str, examples: int, batch_size: int = 64, steps: int = 51) -> dict:
@@ -96,8 +96,8 @@ def startup(variant: str, examples: int, batch_size: int = 64, steps: int = 51) 
             images = _before_load_tfds("celeba", "train").images
             it = _before_step_batches(images, batch_size, 0, 0, steps)
         else:
-            images = data.open_images("celeba", "train", "tfds")
-            it = data.step_batches(images, batch_size, 0, 0, steps, num_threads=4)
+            images = sources.open_images("celeba", "train", "tfds")
+            it = pipeline.step_batches(images, batch_size, 0, 0, steps, num_threads=4)
         next(it)
         first = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -123,12 +123,12 @@ def step_overhead(steps: int = 1000, batch_size: int = 64, rounds: int = 5) -> d
     images = np.random.default_rng(0).integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8)
     makers = {
         "before": lambda n: _before_step_batches(images, batch_size, 0, 0, n),
-        "after_threads0": lambda n: data.step_batches(images, batch_size, 0, 0, n, num_threads=0),
-        "after_threads4": lambda n: data.step_batches(images, batch_size, 0, 0, n, num_threads=4),
+        "after_threads0": lambda n: pipeline.step_batches(images, batch_size, 0, 0, n, num_threads=0),
+        "after_threads4": lambda n: pipeline.step_batches(images, batch_size, 0, 0, n, num_threads=4),
     }
     w = jnp.ones((28 * 28, 2000), jnp.float32)
     consume = jax.jit(lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ w).sum())
-    x0 = data.to_float(images[:batch_size])
+    x0 = sources.to_float(images[:batch_size])
     consume(x0).block_until_ready()
     times = {}
     for _ in range(rounds):

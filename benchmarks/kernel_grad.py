@@ -6,7 +6,7 @@
 
 A Langevin step with the decoder gradient (paper eq. 8) computes, per transposed-conv
 layer, ``D[i, j] = sum_{n,u,v} a[n, s u + i, s v + j]^T g[n, u, v]`` (``a`` the padded
-output cotangent, ``g`` the layer input; ``lpc_jax.layers._kernel_grad``). "old" is
+output cotangent, ``g`` the layer input; ``lpc_jax.model.layers._kernel_grad``). "old" is
 ``_previous`` below, the formulation the layers used before, copied verbatim: one
 matmul per kernel tap over a strided slice of ``a`` (from 16 channels of ``a``),
 otherwise one convolution with the batch as the contracted feature axis. "new" is
@@ -48,11 +48,11 @@ import numpy as np
 from jax import lax
 
 from benchmarks import chain as bc
-from lpc_jax import layers, models
+from lpc_jax.model import layers, networks
 
 Array = jax.Array
 
-# --- the previous formulation, verbatim (lpc_jax/layers.py before this change), but for its
+# --- the previous formulation, verbatim (lpc_jax/model/layers.py before this change), but for its
 # per-tap branch, which the module still has as ``_kernel_grad_per_tap`` ---
 
 _TAP_MATMUL_MIN_CHANNELS = 16
@@ -74,7 +74,7 @@ def _previous(a: Array, g: Array, s: int, k: int) -> Array:
 
 # --- end of the previous formulation ---
 
-# --- the phase form as first written (lpc_jax/layers.py at 7a9c48f), always shifting g ---
+# --- the phase form as first written (lpc_jax/model/layers.py at 7a9c48f), always shifting g ---
 
 
 def _g_shift(a: Array, g: Array, s: int, k: int) -> Array:
@@ -111,10 +111,10 @@ FORMULATIONS = {"old": _previous, "g_shift": _g_shift, "new": layers._kernel_gra
 
 def decoder_kernel_grads(image_shape) -> list[tuple[str, tuple, tuple, int, int]]:
     """(name, a shape, g shape, stride, kernel) of every strided-conv kernel gradient of
-    ``models.Decoder(image_shape)``'s backward pass at batch 64 (the 1x1-input first
+    ``networks.Decoder(image_shape)``'s backward pass at batch 64 (the 1x1-input first
     layer is a matmul and has none)."""
     out, h, c = [], 1, 256
-    for i, (f, k, s, p) in enumerate(models._decoder_layers(image_shape)):
+    for i, (f, k, s, p) in enumerate(networks._decoder_layers(image_shape)):
         h_out = (h - 1) * s + k - 2 * p
         if h > 1:  # a transposed conv's kernel gradient: a = cotangent padded by p, g = input
             out.append((f"{'x'.join(map(str, image_shape))}_layer{i + 1}", (64, h_out + p, h_out + p, f),

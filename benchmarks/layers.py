@@ -4,9 +4,9 @@ and per step inside a rolled ``lax.scan`` (the Langevin chain's shape of computa
     python -m benchmarks.layers                 # 28x28x1 decoder, batch 64, 10 scan steps
     python -m benchmarks.layers --steps 20 --rounds 5
 
-Setting: ``models.Decoder((28, 28, 1))``, batch 64, latent 40, discretised Gaussian
-(``models.make_log_joint``). For each layer implementation ("reference": plain flax
-``nn.Conv`` / ``nn.ConvTranspose``, autodiff backward pass; "custom": ``lpc_jax.layers``):
+Setting: ``networks.Decoder((28, 28, 1))``, batch 64, latent 40, discretised Gaussian
+(``networks.make_log_joint``). For each layer implementation ("reference": plain flax
+``nn.Conv`` / ``nn.ConvTranspose``, autodiff backward pass; "custom": ``lpc_jax.model.layers``):
 
 * ``standalone``: one jitted ``grad`` of sum_b log p(x_b, z_b; theta) w.r.t. (theta, z);
 * ``scan``: ``lax.scan`` (rolled, ``unroll=1``) of ``--steps`` such gradients, the carry
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpc_jax import layers, models
+from lpc_jax.model import layers, networks
 
 IMPLEMENTATIONS = {
     "reference": types.SimpleNamespace(Conv=layers.ConvReference, ConvTranspose=layers.ConvTransposeReference),
@@ -45,13 +45,13 @@ IMPLEMENTATIONS = {
 
 @contextlib.contextmanager
 def _layers_module(namespace):
-    """models.py looks its layers up as ``layers.Conv`` / ``layers.ConvTranspose`` at trace time."""
-    saved = models.layers
-    models.layers = namespace
+    """networks.py looks its layers up as ``layers.Conv`` / ``layers.ConvTranspose`` at trace time."""
+    saved = networks.layers
+    networks.layers = namespace
     try:
         yield
     finally:
-        models.layers = saved
+        networks.layers = saved
 
 
 def _programs(namespace, batch: int, latent: int, steps: int, vmap: int = 0, seed: int = 0):
@@ -62,9 +62,9 @@ def _programs(namespace, batch: int, latent: int, steps: int, vmap: int = 0, see
     x = jnp.asarray(np.round(rng.integers(0, 256, (batch,) + shape)) / 127.5 - 1.0, jnp.float32)
     z = jnp.asarray(rng.normal(size=(batch, latent)), jnp.float32)
     with _layers_module(namespace):
-        decoder = models.Decoder(shape)
+        decoder = networks.Decoder(shape)
         params = decoder.init(jax.random.key(seed), z)["params"]
-        log_joint = models.make_log_joint(decoder, "discretized_gaussian")
+        log_joint = networks.make_log_joint(decoder, "discretized_gaussian")
 
         def grad(params, z):
             return jax.grad(lambda p, z: log_joint(p, x, z).sum(), argnums=(0, 1))(params, z)

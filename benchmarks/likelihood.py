@@ -10,7 +10,7 @@ milliseconds of one jitted ``value_and_grad`` of sum_b log p(x_b | mean_b, scale
 ``mean`` and ``log_scale`` (shape (1, 1, 1, C)) are the paper decoder's output at
 initialisation for a N(0, I) latent batch, ``x`` the benchmark batch of
 ``benchmarks.chain`` (random 8-bit images, or Fashion-MNIST when installed).
-"old" is ``_reference`` below: the formulation ``lpc_jax.likelihoods`` used before,
+"old" is ``_reference`` below: the formulation ``lpc_jax.model.likelihoods`` used before,
 copied verbatim (log Phi of both mirrored bin ends, a custom VJP per pixel); "new" is
 ``likelihoods.discretized_gaussian_log_prob``. Programs are compiled ahead of time and
 timed in interleaved rounds (the machine may be shared); each figure is the median over
@@ -42,11 +42,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from benchmarks import chain as bc
-from lpc_jax import likelihoods
+from lpc_jax.model import likelihoods
 
 Array = jax.Array
 
-# --- the previous formulation, verbatim (lpc_jax/likelihoods.py before this change), but for
+# --- the previous formulation, verbatim (lpc_jax/model/likelihoods.py before this change), but for
 # the helpers and constants the module still has, which it takes from there ---
 
 _HALF_BIN, _SQRT_HALF, _LOG_2PI = likelihoods._HALF_BIN, likelihoods._SQRT_HALF, likelihoods._LOG_2PI

@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import chain as bc
-from lpc_jax import langevin
-from lpc_jax import train_step as ts
+from lpc_jax.model import chain
+from lpc_jax.sampling import langevin
 
 KINDS = ("conv", "matmul", "copies", "elementwise")
 _COPY_OPS = ("pad", "slice", "concatenate", "transpose", "copy", "bitcast")
@@ -76,9 +76,9 @@ def profile(shape: str, batch: int, steps: int) -> tuple[dict, float, dict, dict
     config, model, state, x, _ = bc._setup(bc.SHAPES[shape])
     x, theta = x[:batch], state.params["decoder"]
     hp = langevin.hparams(config.step_size, config.decay, config.eps)
-    kernel = langevin.build_kernel(ts.chain_log_joint(model, x), precondition=True, with_param_grad=True)
+    kernel = langevin.build_kernel(chain.chain_log_joint(model, x), precondition=True, with_param_grad=True)
 
-    def chain(theta, z):
+    def run(theta, z):
         def step(carry, key):
             lstate, acc = carry
             lstate, _, g = kernel(key, lstate, hp, theta)
@@ -87,7 +87,7 @@ def profile(shape: str, batch: int, steps: int) -> tuple[dict, float, dict, dict
         return jax.lax.scan(step, carry, jax.random.split(jax.random.key(0), steps))[0]
 
     z = jax.random.normal(jax.random.key(5), (batch, config.latent_dim))
-    compiled = jax.jit(chain).lower(theta, z).compile()
+    compiled = jax.jit(run).lower(theta, z).compile()
     jax.block_until_ready(compiled(theta, z))
     calls = 3
     with tempfile.TemporaryDirectory() as logdir:

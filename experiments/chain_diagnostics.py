@@ -36,8 +36,13 @@ import numpy as np
 from absl import app, flags
 
 from experiments import launch
-from lpc_jax import data, diagnostics, evaluation, langevin, objectives, plotting, samplers, train_step
-from lpc_jax.config import Config
+from lpc_jax import plotting
+from lpc_jax.data import sources
+from lpc_jax.model import objectives
+from lpc_jax.model.state import Model, TrainState
+from lpc_jax.sampling import diagnostics, langevin, samplers
+from lpc_jax.training import restore
+from lpc_jax.training.config import Config
 
 flags.DEFINE_string("workdir", None, "Run directory written by a launcher (holds config.json, checkpoints/).")
 flags.DEFINE_integer("num_steps", 300, "Chain length T (longer than training's is the point).")
@@ -74,8 +79,8 @@ class Setup(NamedTuple):
     """The trained run and the sampler the diagnostics run."""
 
     config: Config
-    model: train_step.Model
-    state: train_step.TrainState
+    model: Model
+    state: TrainState
     sampler: str
     friction: float
 
@@ -95,7 +100,7 @@ def _curve_step_sizes(config: Config) -> list[float]:
 def _curves(setup: Setup, x: jax.Array, z0: jax.Array) -> dict:
     """Chain curves for every step size, with and without preconditioning: label -> ChainCurves (numpy)."""
     step_sizes = _curve_step_sizes(setup.config)
-    hp = diagnostics.stack_hparams(step_sizes, setup.config.decay, setup.config.eps)
+    hp = langevin.stack_hparams(step_sizes, setup.config.decay, setup.config.eps)
     out = {}
     for name, precondition in PRECONDITIONING.items():
         sampler = setup.build(precondition)
@@ -196,8 +201,8 @@ def _write_figures(out_dir: str, curves: dict, paths: dict, rhats: dict, title: 
 
 def _load_images(config: Config) -> jax.Array:
     n = max(FLAGS.num_images, FLAGS.trajectory_images, FLAGS.rhat_images)
-    ds = data.load(config.dataset, "test", config.data_source, config.data_dir, max_examples=n)
-    return jnp.asarray(data.to_float(ds.images[:n]))
+    ds = sources.load(config.dataset, "test", config.data_source, config.data_dir, max_examples=n)
+    return jnp.asarray(sources.to_float(ds.images[:n]))
 
 
 def _starts(setup: Setup, x: jax.Array) -> tuple[jax.Array, str]:
@@ -213,7 +218,7 @@ def _load() -> tuple[Setup, jax.Array]:
     """The run, its sampler (flags override the run's config) and the test images; errors exit."""
     try:
         _check_flags()
-        config, model, state = evaluation.load_run(FLAGS.workdir, FLAGS.step)
+        config, model, state = restore.load_run(FLAGS.workdir, FLAGS.step)
         images = _load_images(config)
     except launch.RUN_ERRORS as e:
         launch.exit_with_error(e)

@@ -22,8 +22,10 @@ import jax
 from absl import app, flags
 
 from experiments import launch
-from lpc_jax import evaluation
-from lpc_jax import workdir as workdir_lib
+from lpc_jax.evaluation import evaluators
+from lpc_jax.runtime import workdir_lock
+from lpc_jax.training import restore
+from lpc_jax.training.evaluate import evaluate
 
 flags.DEFINE_string("workdir", None, "Run directory written by a launcher (holds config.json, checkpoints/).")
 flags.DEFINE_integer("num_samples", 10000, "Generated images, compared with as many real test images.")
@@ -54,9 +56,9 @@ def main() -> None:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required: the directory of a training run")
     try:
-        with workdir_lib.lock(FLAGS.workdir, "evaluate", name="eval", create=False):
+        with workdir_lock.lock(FLAGS.workdir, "evaluate", name="eval", create=False):
             _evaluate()
-    except (FileNotFoundError, workdir_lib.WorkdirLockedError) as e:
+    except (FileNotFoundError, workdir_lock.WorkdirLockedError) as e:
         launch.exit_with_error(e)
 
 
@@ -64,13 +66,13 @@ def _evaluate() -> None:
     t0 = time.time()
     workdir = FLAGS.workdir
     try:
-        config, model, state = evaluation.load_run(workdir, FLAGS.step)
+        config, model, state = restore.load_run(workdir, FLAGS.step)
         print(f"evaluating {workdir} (step {int(state.step)}, {config.algorithm} on {config.dataset}): "
               f"{FLAGS.num_samples} samples, IWAE K={FLAGS.iwae_samples} on {FLAGS.iwae_examples} images",
               flush=True)
-        result = evaluation.evaluate(
+        result = evaluate(
             config, model, state, num_samples=FLAGS.num_samples, rng_key=jax.random.key(FLAGS.seed),
-            options=evaluation.EvalOptions(
+            options=evaluators.EvalOptions(
                 inception_weights=FLAGS.inception_weights, iwae_samples=FLAGS.iwae_samples,
                 iwae_examples=FLAGS.iwae_examples, elbo_examples=FLAGS.elbo_examples,
                 kid_subsets=FLAGS.kid_subsets),

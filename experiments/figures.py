@@ -27,6 +27,7 @@ from absl import app, flags
 
 from experiments import launch
 from lpc_jax import plotting
+from lpc_jax.runtime import logs
 
 FIGURES = ("fd_curves", "warm_starts", "sweep_heatmap", "table")
 
@@ -76,7 +77,7 @@ def _final(rows: list[dict], metric: str, workdir: str) -> float:
 
 def _train_wall_s(workdir: str, summary: dict) -> float | None:
     """Training seconds summed over a run's resumed segments (``metrics.jsonl``), else the summary's."""
-    rows = [r for r in plotting.cumulative_wall_s(plotting.read_metrics(os.path.join(workdir, "metrics.jsonl")))
+    rows = [r for r in plotting.cumulative_wall_s(logs.read_metrics(os.path.join(workdir, "metrics.jsonl")))
             if "wall_s" in r]
     return rows[-1]["wall_s"] if rows else summary.get("train_wall_s_this_run")
 
@@ -130,7 +131,7 @@ def main() -> None:
         else:
             rows = collections.defaultdict(list)
             for label, workdir in runs:
-                rows[label].append((workdir, plotting.read_metrics(os.path.join(workdir, "metrics.jsonl"))))
+                rows[label].append((workdir, logs.read_metrics(os.path.join(workdir, "metrics.jsonl"))))
             if FLAGS.figure == "fd_curves":  # the first workdir of each label
                 plotting.plot_metric_curves({label: rs[0][1] for label, rs in rows.items()}, FLAGS.out, metric)
             else:

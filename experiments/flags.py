@@ -1,7 +1,7 @@
 """The flag set every launcher shares: one flag per ``Config`` field, plus ``--workdir``.
 
 The flags are generated from ``dataclasses.fields(Config)``: name, default,
-help text and choices all come from the field (``lpc_jax/config.py``), so a new
+help text and choices all come from the field (``lpc_jax/training/config.py``), so a new
 field is a new flag. Each dataset launcher only changes defaults.
 """
 
@@ -12,7 +12,7 @@ import typing
 
 from absl import flags
 
-from lpc_jax.config import Config
+from lpc_jax.training.config import Config
 
 FLAGS = flags.FLAGS
 

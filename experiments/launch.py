@@ -16,9 +16,9 @@ from typing import Callable, NoReturn, Sequence
 from absl import app, flags, logging
 
 from experiments import flags as lpc_flags
-from lpc_jax import checkpoints, distributed, train
-from lpc_jax import workdir as workdir_lib
-from lpc_jax.config import Config
+from lpc_jax.runtime import checkpoints, distributed, workdir_lock
+from lpc_jax.training import train
+from lpc_jax.training.config import Config
 
 FLAGS = flags.FLAGS
 
@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 # saved (checkpoints.CheckpointSaveError: disk full), a workdir in use by another
 # run, a diverged chain (train.DivergenceError is a FloatingPointError), a value
 # the library rejects.
-RUN_ERRORS = (FileNotFoundError, checkpoints.CheckpointError, workdir_lib.WorkdirLockedError, FloatingPointError,
+RUN_ERRORS = (FileNotFoundError, checkpoints.CheckpointError, workdir_lock.WorkdirLockedError, FloatingPointError,
               ValueError)
 
 

@@ -5,7 +5,7 @@
         --num_train_steps=500 --num_steps=20 --metric=elbo --workdir=runs/sweep
 
 Every member (step_size x decay) trains its own networks on the same batches,
-with the keys of a separate run with ``--seed`` (see :mod:`lpc_jax.sweep`): member
+with the keys of a separate run with ``--seed`` (see :mod:`lpc_jax.training.sweep`): member
 k ends where ``python -m experiments.fashion_mnist --step_size=.. --decay=..``
 with the same other flags would (up to float32 rounding). ``--decays`` may hold
 ``off`` (no preconditioner; compiled as a second program). All the launchers'
@@ -22,7 +22,8 @@ from absl import app, flags
 
 from experiments import flags as lpc_flags
 from experiments import launch
-from lpc_jax import distributed, sweep
+from lpc_jax.runtime import distributed
+from lpc_jax.training import sweep
 
 flags.DEFINE_string("step_sizes", "0.001,0.01,0.1,0.5", "Comma-separated Langevin step sizes (each > 0).")
 flags.DEFINE_string("decays", None, "Comma-separated preconditioner decays in [0, 1); 'off' adds members "

@@ -2,8 +2,8 @@
 
     python -m experiments.train_classifier --dataset=fashion_mnist --seed=0 --num_epochs=6
 
-Trains :class:`lpc_jax.classifier.CNN` with Adam (cosine-decayed learning rate)
-on the training split read by :func:`lpc_jax.data.load_idx`, evaluates top-1
+Trains :class:`lpc_jax.evaluation.classifier.CNN` with Adam (cosine-decayed learning rate)
+on the training split read by :func:`lpc_jax.data.sources.load_idx`, evaluates top-1
 accuracy on the test split, and writes ``lpc_jax/assets/<prefix>.msgpack`` and
 ``<prefix>.json`` (test accuracy, seed, epochs, ...). Everything is seeded, so a
 rerun on the same machine gives the same weights (up to XLA CPU nondeterminism).
@@ -19,7 +19,8 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from lpc_jax import classifier, data
+from lpc_jax.data import pipeline, sources
+from lpc_jax.evaluation import classifier
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", "fashion_mnist", sorted(classifier.PRETRAINED), "Dataset to train on.")
@@ -54,8 +55,8 @@ def main(argv):
     del argv
     if FLAGS.dataset == "mnist" and FLAGS.data_dir is None:
         raise app.UsageError("--dataset=mnist needs --data_dir=DIR with the MNIST *-ubyte.gz files")
-    train = data.load_idx("train", FLAGS.data_dir)
-    test = data.load_idx("test", FLAGS.data_dir)
+    train = sources.load_idx("train", FLAGS.data_dir)
+    test = sources.load_idx("test", FLAGS.data_dir)
     steps_per_epoch = train.images.shape[0] // FLAGS.batch_size
     schedule = optax.cosine_decay_schedule(FLAGS.learning_rate, FLAGS.num_epochs * steps_per_epoch)
     optimizer = optax.adam(schedule)
@@ -69,10 +70,10 @@ def main(argv):
     for epoch in range(FLAGS.num_epochs):
         t0 = time.time()
         losses = []
-        order = data.epoch_order(train.images.shape[0], FLAGS.seed, epoch)  # the order of data.batches
+        order = pipeline.epoch_order(train.images.shape[0], FLAGS.seed, epoch)  # the order of pipeline.batches
         for i in range(steps_per_epoch):
             idx = order[i * FLAGS.batch_size : (i + 1) * FLAGS.batch_size]
-            images, labels = data.to_float(train.images[idx]), train.labels[idx]
+            images, labels = sources.to_float(train.images[idx]), train.labels[idx]
             params, opt_state, loss = step(params, opt_state, jnp.asarray(images), jnp.asarray(labels))
             losses.append(loss)
         test_acc = classifier.accuracy(params, test.images, test.labels)

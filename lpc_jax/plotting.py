@@ -1,29 +1,30 @@
-"""PNG figures: image grids, training curves and sweep plots (matplotlib, Agg backend).
+"""PNG figures: image grids, training curves and sweep plots.
 
-Every figure is written by :func:`save_figure`.
+Figures are ``matplotlib.figure.Figure`` objects drawn without pyplot, so importing
+this module (or anything that uses it) leaves pyplot's state and a notebook's
+backend alone. Every figure is written by :func:`save_figure`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lpc_jax import data  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def save_figure(fig, path: str, dpi: float | str = "figure") -> str:
     """Writes ``fig`` to ``path`` (PNG; parent directories created), closes it, returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], dpi: float | None = None, **kwargs):
+    """``(fig, axes)`` as ``pyplot.subplots`` gives them, on a Figure that pyplot does not track."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -44,7 +45,7 @@ def save_image_grid(images: np.ndarray, path: str, ncols: int | None = None, tit
     """Writes a grid of (N, H, W, C) images in [-1, 1] to ``path`` (PNG); returns path."""
     grid = image_grid(images, ncols)
     scale = 4 if grid.shape[0] < 400 else 2
-    fig = plt.figure(figsize=(grid.shape[1] * scale / 100, grid.shape[0] * scale / 100 + (0.3 if title else 0)), dpi=100)
+    fig = Figure(figsize=(grid.shape[1] * scale / 100, grid.shape[0] * scale / 100 + (0.3 if title else 0)), dpi=100)
     ax = fig.add_axes([0, 0, 1, 1 if not title else 0.95])
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None,
               interpolation="nearest", vmin=0, vmax=255)
@@ -52,20 +53,6 @@ def save_image_grid(images: np.ndarray, path: str, ncols: int | None = None, tit
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
-
-
-def read_metrics(path: str) -> list[dict]:
-    """Reads a JSON-lines metrics log; skips a torn last line."""
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def cumulative_wall_s(rows: list[dict]) -> list[dict]:
@@ -97,7 +84,7 @@ def plot_curves(rows: list[dict], path: str, keys: tuple[str, ...] | None = None
                      if any(k in r for r in rows))
     ncols = min(3, max(1, len(keys)))
     nrows = int(math.ceil(len(keys) / ncols)) or 1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+    fig, axes = _subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         pts = [(r[x_key], r[key]) for r in rows if key in r and r[key] is not None]
         if pts:
@@ -121,12 +108,12 @@ def save_samples_png(generated: np.ndarray, real: np.ndarray, path: str, title: 
 
     def as_float(x):
         x = np.asarray(x)[:num]
-        return data.to_float(x) if x.dtype == np.uint8 else x
+        return x.astype(np.float32) * (2.0 / 255.0) - 1.0 if x.dtype == np.uint8 else x
 
     grids = [image_grid(as_float(x), ncols) for x in (generated, real)]
     gray = grids[0].shape[-1] == 1
     h, w = grids[0].shape[:2]
-    fig, axes = plt.subplots(1, 2, figsize=(2 * w * 3 / 100 + 0.3, h * 3 / 100 + 0.6), dpi=100)
+    fig, axes = _subplots(1, 2, figsize=(2 * w * 3 / 100 + 0.3, h * 3 / 100 + 0.6), dpi=100)
     for ax, grid, name in zip(axes, grids, ("generated (z ~ prior)", "real (test set)")):
         ax.imshow(grid[..., 0] if gray else grid, cmap="gray" if gray else None,
                   interpolation="nearest", vmin=0, vmax=255)
@@ -145,7 +132,7 @@ def plot_sweep(results: list[dict], metric: str, path: str, title: str | None = 
     ``metric``); a member whose metric is missing or not finite (diverged) is
     marked by a red band at its step size.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = _subplots(figsize=(5.5, 3.8))
     lines: dict[str, list] = {}
     multi_seed = len({r["seed"] for r in results}) > 1
     for r in results:
@@ -191,7 +178,7 @@ def plot_metric_curves(runs: dict[str, list[dict]], path: str, metric: str = "fd
     curves = {label: [r for r in cumulative_wall_s(rows) if metric in r] for label, rows in runs.items()}
     if not any(curves.values()):
         raise ValueError(f"no run logged {metric!r}; train with fd_every > 0")
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=True)
+    fig, axes = _subplots(1, 2, figsize=(9.5, 3.6), sharey=True)
     for label, rows in curves.items():
         for ax, x_key in zip(axes, ("step", "wall_s")):
             ax.plot([r[x_key] for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=label)
@@ -227,7 +214,7 @@ def plot_sweep_heatmap(members: list[dict], metric: str, path: str, title: str |
         value = m.get(metric)
         if m.get("diverged_at_step") is None and value is not None:
             grid[rows.index(str(m["decay"])), step_sizes.index(m["step_size"])] = value
-    fig, ax = plt.subplots(figsize=(1.1 * len(step_sizes) + 2.2, 0.7 * len(rows) + 1.6))
+    fig, ax = _subplots(figsize=(1.1 * len(step_sizes) + 2.2, 0.7 * len(rows) + 1.6))
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r", aspect="auto")
     for i, j in np.ndindex(grid.shape):
         text = "diverged" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0f}"
@@ -246,7 +233,7 @@ def plot_sweep_heatmap(members: list[dict], metric: str, path: str, title: str |
 def plot_bars(values: dict[str, tuple[float, float]], path: str, ylabel: str, title: str | None = None) -> str:
     """Bar chart of ``label -> (mean, sd)`` (the paper's Fig. 2 layout); sd drawn as error bars."""
     labels = list(values)
-    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 1.5, 3.2))
+    fig, ax = _subplots(figsize=(1.3 * len(labels) + 1.5, 3.2))
     ax.bar(labels, [values[k][0] for k in labels], yerr=[values[k][1] for k in labels], capsize=4,
            color="tab:blue", alpha=0.8)
     for i, k in enumerate(labels):
@@ -296,7 +283,7 @@ def plot_chain_curves(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]
       log_panels: panels drawn on a log y-axis (e.g. the drift norm).
     """
     panels = list(next(iter(curves.values())))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    fig, axes = _subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
     for i, (label, stats) in enumerate(curves.items()):
         color = f"C{i % 10}"
         for ax, panel in zip(axes[0], panels):
@@ -338,7 +325,7 @@ def plot_pca_trajectories(paths: dict[str, list[np.ndarray]], path: str, titles:
       suptitle: optional figure title.
     """
     rows, ncols = list(paths), max(len(p) for p in paths.values())
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(3.3 * ncols, 3.1 * len(rows)), squeeze=False)
+    fig, axes = _subplots(len(rows), ncols, figsize=(3.3 * ncols, 3.1 * len(rows)), squeeze=False)
     for i, label in enumerate(rows):
         for j, xy in enumerate(paths[label]):
             ax, xy = axes[i][j], np.asarray(xy)
@@ -365,7 +352,7 @@ def plot_rhat_histogram(rhats: dict[str, np.ndarray], path: str, threshold: floa
     Non-finite values (diverged chains) are counted in the legend, not drawn; the
     x axis turns logarithmic when R-hat reaches 2.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, ax = _subplots(figsize=(5.5, 3.4))
     values = {k: np.asarray(v, np.float64).ravel() for k, v in rhats.items()}
     finite = np.concatenate([v[np.isfinite(v)] for v in values.values()] + [np.array([1.0, threshold * 1.02])])
     lo, hi = min(0.99, float(finite.min())), float(finite.max())

@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import optax
 
-from lpc_jax import models, train_step as ts
+from lpc_jax.model import networks
+from lpc_jax.model.state import Model
 
 SHAPE = (6, 6, 1)
 LATENT = 5
@@ -27,9 +28,9 @@ class TinyEncoder(nn.Module):
     def __call__(self, x):
         out = nn.Dense(2 * LATENT)(nn.silu(nn.Dense(16)(x.reshape(x.shape[0], -1))))
         mean, raw = jnp.split(out, 2, axis=-1)
-        return mean, models.softplus_beta(raw) + 1e-6
+        return mean, networks.softplus_beta(raw) + 1e-6
 
 
-def tiny_model(optimizer: optax.GradientTransformation) -> ts.Model:
+def tiny_model(optimizer: optax.GradientTransformation) -> Model:
     decoder = TinyDecoder()
-    return ts.Model(decoder, TinyEncoder(), models.make_log_joint(decoder), optimizer)
+    return Model(decoder, TinyEncoder(), networks.make_log_joint(decoder), optimizer)
