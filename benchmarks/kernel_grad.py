@@ -1,8 +1,7 @@
-"""Convolution kernel gradients: previous vs current formulations, per layer and per chain step.
+"""Convolution kernel gradients: previous vs current formulations, per decoder layer.
 
     python -m benchmarks.kernel_grad              # every decoder layer, 9 interleaved rounds
     python -m benchmarks.kernel_grad --rounds 15
-    python -m benchmarks.kernel_grad --chain      # also the real train step's chain, old / before / new
 
 A Langevin step with the decoder gradient (paper eq. 8) computes, per transposed-conv
 layer, ``D[i, j] = sum_{n,u,v} a[n, s u + i, s v + j]^T g[n, u, v]`` (``a`` the padded
@@ -16,15 +15,12 @@ less (per-tap matmuls where the phase form's padding would add more than 1.3x).
 "g_shift" is ``_g_shift`` below, the phase form as it first was: always shifting
 ``g``, per-tap matmuls from 1.5x padding.
 
-``--chain`` also times "before": the library as it was before this second change
-(kernel gradients ``_g_shift``; every strided conv, among them a transposed conv's
-input gradient, a plain strided conv, ``_strided``, not ``layers._strided_conv``).
-
 Per layer: the kernel gradient of each decoder layer of the 28x28x1 and 64x64x3 models
 (batch 64, shapes as in the chain), ``--steps`` calls inside a rolled ``lax.scan`` (the
-chain's loop), ms per call. ``--chain``: ``benchmarks.chain``'s real train step traced
-with each formulation, the marginal ms per chain step. Programs are compiled ahead of
-time and timed in interleaved rounds (the machine may be shared); each figure is the
+chain's loop), ms per call; each formulation is a function passed in (``FORMULATIONS``).
+The chain-step figures of the last change (``--chain``, which traced the train step with
+the old formulations patched into ``layers``) are in ``benchmarks/RESULTS.md``; that option
+is gone with the patching. Programs are compiled ahead of time and timed in interleaved rounds (the machine may be shared); each figure is the
 median over rounds.
 
 Printed: rows, the ratios new / old and new / g_shift, then as the LAST line one JSON
@@ -38,8 +34,6 @@ and ``decoder_{shape}_ratio``, ``decoder_{shape}_ratio_vs_g_shift``, with ``--ch
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 
 import jax
@@ -47,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks import chain as bc
+from benchmarks import harness
 from lpc_jax.model import layers, networks
 
 Array = jax.Array
@@ -93,17 +87,6 @@ def _g_shift(a: Array, g: Array, s: int, k: int) -> Array:
     return d[:k, :k]
 
 
-def _strided(x: Array, w: Array, s: int, p: int) -> Array:
-    return layers._conv(x, w, s, ((p, p), (p, p)))
-
-
-@contextlib.contextmanager
-def _before():
-    """The layers before the shift of ``a`` and the space-to-depth strided conv."""
-    with bc.swapped(layers, "_kernel_grad", _g_shift), bc.swapped(layers, "_strided_conv", _strided):
-        yield
-
-
 # --- end ---
 
 FORMULATIONS = {"old": _previous, "g_shift": _g_shift, "new": layers._kernel_grad}
@@ -146,8 +129,6 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--steps", type=int, default=10, help="kernel gradients per rolled scan")
-    p.add_argument("--chain", action="store_true",
-                   help="also time the real train step's chain with each formulation (a few minutes)")
     args = p.parse_args(argv)
     out, rng = {}, np.random.default_rng(0)
     for image_shape in ((28, 28, 1), (64, 64, 3)):
@@ -159,24 +140,11 @@ def main(argv=None) -> dict:
             programs = {name: _scan_program(fn, a, g, s, k, args.steps) for name, fn in FORMULATIONS.items()}
             for fn in programs.values():
                 jax.block_until_ready(fn())
-            ms = {name: t / args.steps for name, t in bc._interleaved_ms(programs, args.rounds).items()}
+            ms = {name: t / args.steps for name, t in harness.interleaved_ms(programs, args.rounds).items()}
             _report(out, layer, f"a {a_shape} g {g_shape} s {s} k {k}", ms)
             for name in totals:
                 totals[name] += ms[name]
         _report(out, f"decoder_{shape}", "all kernel gradients", totals)
-    if args.chain:
-        for shape in ("28x28x1", "64x64x3"):
-            marginal = bc.chain_step_ms_by_formulation(shape, {
-                "old": functools.partial(bc.swapped, layers, "_kernel_grad", _previous),
-                "before": _before, "new": contextlib.nullcontext}, max(3, args.rounds // 2))
-            t_short, t_long = bc.CHAIN_T[shape]
-            print(f"{shape}  real train step, marginal ms per chain step (T = {t_short} vs {t_long}): "
-                  + ", ".join(f"{name} {ms:.3f} ms" for name, ms in marginal.items())
-                  + f", new / old {marginal['new'] / marginal['old']:.3f}"
-                  + f", new / before {marginal['new'] / marginal['before']:.3f}")
-            out.update({f"chain_step_ms_{name}_{shape}": ms for name, ms in marginal.items()})
-            out[f"chain_step_ratio_{shape}"] = marginal["new"] / marginal["old"]
-            out[f"chain_step_ratio_vs_before_{shape}"] = marginal["new"] / marginal["before"]
     out["device"] = str(jax.devices()[0].device_kind)
     print(json.dumps(out))
     return out

@@ -9,7 +9,7 @@ milliseconds of one jitted ``value_and_grad`` of sum_b log p(x_b | mean_b, scale
 (mean, log_scale): what every Langevin chain step evaluates through the likelihood.
 ``mean`` and ``log_scale`` (shape (1, 1, 1, C)) are the paper decoder's output at
 initialisation for a N(0, I) latent batch, ``x`` the benchmark batch of
-``benchmarks.chain`` (random 8-bit images, or Fashion-MNIST when installed).
+``benchmarks.harness`` (random 8-bit images, or Fashion-MNIST when installed).
 "old" is ``_reference`` below: the formulation ``lpc_jax.model.likelihoods`` used before,
 copied verbatim (log Phi of both mirrored bin ends, a custom VJP per pixel); "new" is
 ``likelihoods.discretized_gaussian_log_prob``. Programs are compiled ahead of time and
@@ -18,10 +18,10 @@ rounds of the best of ``--calls`` calls. Standalone calls also pay for their tem
 buffers (fresh pages every call); inside the chain's loop those are allocated once, so
 use ``benchmarks.chain`` for the cost per chain step.
 
-``--chain`` also compiles ``benchmarks.chain``'s real ``lpc_train_step`` (Jeffreys,
-preconditioned, batch 64) at its two chain lengths per shape, traced once with each
-formulation, and times the four programs in the same rounds: the marginal ms per chain
-step, old and new.
+``--chain`` also compiles the real ``lpc_train_step`` (``benchmarks.harness``'s setting:
+Jeffreys, preconditioned, batch 64) at its two chain lengths per shape, once with a log
+joint built on each formulation (passed to the step's model, nothing patched), and
+times the four programs in the same rounds: the marginal ms per chain step, old and new.
 
 Printed: one row per shape and formulation, the ratio new / old, then as the LAST line
 one JSON object: ``{shape}_old_ms``, ``{shape}_new_ms``, ``{shape}_ratio``, with
@@ -31,8 +31,6 @@ one JSON object: ``{shape}_old_ms``, ``{shape}_new_ms``, ``{shape}_ratio``, with
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import statistics
 import time
@@ -41,8 +39,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from benchmarks import chain as bc
+from benchmarks import harness
 from lpc_jax.model import likelihoods
+from lpc_jax.training import build
 
 Array = jax.Array
 
@@ -146,7 +145,7 @@ def _value_and_grad(log_prob):
 
 
 def _inputs(shape: str):
-    config, model, state, x, _ = bc._setup(bc.SHAPES[shape])
+    config, model, state, x, _ = harness.setup(harness.SHAPES[shape])
     z = jax.random.normal(jax.random.key(3), (config.batch_size, config.latent_dim))
     mean, log_scale = jax.jit(model.decoder.apply)({"params": state.params["decoder"]}, z)
     return x, mean, log_scale
@@ -165,12 +164,23 @@ def _time(programs: dict, args, rounds: int, calls: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _with_likelihood(log_prob):
+    """A step builder whose model's log joint uses ``log_prob(x, mean, log_scale)`` for the pixels
+    (the benchmark setting's discretised Gaussian and N(0, I) prior, as ``networks.make_log_joint``)."""
+    def make_step(config, model, mesh):
+        def log_joint(theta, x, z):
+            mean, log_scale = model.decoder.apply({"params": theta}, z)
+            return log_prob(x, mean, log_scale) + likelihoods.normal_prior_log_prob(z, config.prior_scale)
+        return build.make_train_step(config, model._replace(log_joint=log_joint), mesh)
+    return make_step
+
+
 def chain_section(out: dict, shape: str, rounds: int) -> None:
     """Marginal ms per chain step of the real train step, old vs new likelihood, same rounds."""
-    marginal = bc.chain_step_ms_by_formulation(shape, {
-        "old": functools.partial(bc.swapped, likelihoods, "discretized_gaussian_log_prob", _reference),
-        "new": contextlib.nullcontext}, rounds)
-    t_short, t_long = bc.CHAIN_T[shape]
+    marginal = harness.chain_step_ms(shape, {"old": _with_likelihood(_reference),
+                                             "new": _with_likelihood(likelihoods.discretized_gaussian_log_prob)},
+                                     rounds)
+    t_short, t_long = harness.CHAIN_T[shape]
     print(f"{shape}  real train step, marginal ms per chain step (T = {t_short} vs {t_long})")
     for name in ("old", "new"):
         print(f"  {name:<4} {marginal[name]:9.3f} ms")

@@ -3,7 +3,7 @@
     python -m benchmarks.profile                      # both shapes, batch 32 (one core's share)
     python -m benchmarks.profile --shape 64x64x3 --batch 64 --top 20
 
-Setting: ``benchmarks.chain``'s networks and batch (Jeffreys' log joint, discretised
+Setting: ``benchmarks.harness``'s networks and batch (Jeffreys' log joint, discretised
 Gaussian, latent 40), ``--batch`` rows; the default 32 is what each of the launchers'
 two CPU devices runs on this 2-core machine (pin the process to one core, e.g.
 ``taskset -c 1``, to see one device's work). The program is the chain's own kernel
@@ -34,7 +34,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks import chain as bc
+from benchmarks import harness
 from lpc_jax.model import chain
 from lpc_jax.sampling import langevin
 
@@ -73,7 +73,7 @@ def _computations(hlo: str) -> dict[str, str]:
 def profile(shape: str, batch: int, steps: int) -> tuple[dict, float, dict, dict]:
     """{op: ms per chain step}, their total, each op's (opcode, shape, line), and the
     module's computations."""
-    config, model, state, x, _ = bc._setup(bc.SHAPES[shape])
+    config, model, state, x, _ = harness.setup(harness.SHAPES[shape])
     x, theta = x[:batch], state.params["decoder"]
     hp = langevin.hparams(config.step_size, config.decay, config.eps)
     kernel = langevin.build_kernel(chain.chain_log_joint(model, x), precondition=True, with_param_grad=True)
@@ -109,13 +109,13 @@ def profile(shape: str, batch: int, steps: int) -> tuple[dict, float, dict, dict
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=list(bc.SHAPES), action="append", help="default: both")
+    p.add_argument("--shape", choices=list(harness.SHAPES), action="append", help="default: both")
     p.add_argument("--batch", type=int, default=32, help="rows (32: one of two CPU devices' share)")
     p.add_argument("--steps", type=int, default=20, help="chain steps per traced call")
     p.add_argument("--top", type=int, default=12, help="ops to list per shape")
     args = p.parse_args(argv)
     out = {}
-    for shape in args.shape or list(bc.SHAPES):
+    for shape in args.shape or list(harness.SHAPES):
         ms, total, ops, computations = profile(shape, args.batch, args.steps)
         kind = {name: _kind(ops[name][0], ops[name][2], computations) for name in ms}
         kinds = collections.Counter()

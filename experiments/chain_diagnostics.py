@@ -4,7 +4,8 @@
     python -m experiments.chain_diagnostics --workdir=RUN --num_steps=1000 --step_sizes=0.01,0.1 \\
         --sampler=mala
 
-Writes into ``RUN/diagnostics/``:
+The diagnostics themselves are :mod:`lpc_jax.evaluation.chains`; this launcher reads
+flags, loads the run and writes the figures and JSON. Writes into ``RUN/diagnostics/``:
 
 * ``chain_curves.png`` (the paper's Figs. 3/7/8): log p(x, z_t) - log p(x, z_0) and
   the drift norm against t, mean +- sd over ``--num_images`` test images, with and
@@ -28,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +38,8 @@ from absl import app, flags
 from experiments import launch
 from lpc_jax import plotting
 from lpc_jax.data import sources
-from lpc_jax.model import objectives
-from lpc_jax.model.state import Model, TrainState
-from lpc_jax.sampling import diagnostics, langevin, samplers
+from lpc_jax.evaluation import chains
+from lpc_jax.sampling import diagnostics, samplers
 from lpc_jax.training import restore
 from lpc_jax.training.config import Config
 
@@ -60,7 +59,6 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 flags.DEFINE_integer("seed", 0, "Seed of the chains.")
 
 FLAGS = flags.FLAGS
-PRECONDITIONING = {"preconditioned": True, "no preconditioning": False}
 
 
 def _check_flags() -> None:
@@ -75,112 +73,9 @@ def _check_flags() -> None:
             raise ValueError(f"{name}={getattr(FLAGS, name)!r} is invalid: {need}")
 
 
-class Setup(NamedTuple):
-    """The trained run and the sampler the diagnostics run."""
-
-    config: Config
-    model: Model
-    state: TrainState
-    sampler: str
-    friction: float
-
-    def build(self, precondition: bool) -> samplers.Sampler:
-        log_prob = lambda z, theta, x: self.model.log_joint(theta, x, z)
-        return samplers.build(self.sampler, log_prob, precondition=precondition, friction=self.friction)
-
-    def hparams(self, step_size: float) -> langevin.LangevinHParams:
-        return langevin.hparams(step_size, self.config.decay, self.config.eps)
-
-
 def _curve_step_sizes(config: Config) -> list[float]:
     """--step_sizes plus the run's own step size, ascending."""
     return sorted({float(s) for s in FLAGS.step_sizes} | {float(config.step_size)})
-
-
-def _curves(setup: Setup, x: jax.Array, z0: jax.Array) -> dict:
-    """Chain curves for every step size, with and without preconditioning: label -> ChainCurves (numpy)."""
-    step_sizes = _curve_step_sizes(setup.config)
-    hp = langevin.stack_hparams(step_sizes, setup.config.decay, setup.config.eps)
-    out = {}
-    for name, precondition in PRECONDITIONING.items():
-        sampler = setup.build(precondition)
-        run = jax.jit(lambda k, z, h, th, xx: diagnostics.chain_curves(k, sampler, z, h, th, xx,
-                                                                        num_steps=FLAGS.num_steps))
-        curves = jax.device_get(run(jax.random.key(FLAGS.seed + 1), z0, hp, setup.state.params["decoder"], x))
-        for i, step_size in enumerate(step_sizes):
-            out[f"{name}, step {step_size:g}"] = jax.tree.map(lambda a: np.asarray(a[i]), curves)
-    return out
-
-
-MIN_ACCEPTANCE = 0.1  # a MALA chain accepting less than this barely moves
-
-
-def _usable(c: diagnostics.ChainCurves) -> bool:
-    """The chains stayed finite (and, for MALA, accepted at least MIN_ACCEPTANCE of proposals)."""
-    return _diverged_at(c) is None and (c.acceptance_mean is None or c.acceptance_mean.mean() >= MIN_ACCEPTANCE)
-
-
-def _stable_step_sizes(setup: Setup, curves: dict) -> dict[str, float]:
-    """Per setting: the run's step size if usable (:func:`_usable`), else the largest usable one, else the smallest."""
-    chosen = {}
-    for name in PRECONDITIONING:
-        sizes = _curve_step_sizes(setup.config)
-        stable = [s for s in sizes if _usable(curves[f"{name}, step {s:g}"])]
-        run_size = float(setup.config.step_size)
-        chosen[name] = run_size if run_size in stable else max(stable) if stable else min(sizes)
-    return chosen
-
-
-def _trajectories(setup: Setup, x: jax.Array, z0: jax.Array, step_sizes: dict) -> tuple[dict, dict]:
-    """Per setting, each image's path z_0..z_T on its own 2 principal components, and their explained variance."""
-    paths, explained = {}, {}
-    for name, precondition in PRECONDITIONING.items():
-        sampler, hp = setup.build(precondition), setup.hparams(step_sizes[name])
-        run = jax.jit(lambda k, z, th, xx: diagnostics.trajectories(k, sampler, z, hp, th, xx,
-                                                                     num_steps=FLAGS.num_steps))
-        zs = np.asarray(run(jax.random.key(FLAGS.seed + 2), z0, setup.state.params["decoder"], x))
-        label = f"{name}, step {step_sizes[name]:g}"
-        projections = [diagnostics.pca_project(zs[:, b]) for b in range(zs.shape[1])]
-        paths[label] = [p for p, _ in projections]
-        explained[label] = [float(frac.sum()) for _, frac in projections]
-    return paths, explained
-
-
-def _convergence(setup: Setup, x: jax.Array, step_sizes: dict) -> tuple[dict, dict]:
-    """Split R-hat / ESS summaries and the per-parameter R-hat, per preconditioning setting."""
-    mean, variance = setup.model.encoder.apply({"params": setup.state.params["encoder"]}, x)
-    starts = diagnostics.overdispersed_starts(jax.random.key(FLAGS.seed + 3), mean, variance, FLAGS.num_chains,
-                                              FLAGS.overdispersion)
-    x_rows = jnp.tile(x, (FLAGS.num_chains, 1, 1, 1))
-    warmup = int(FLAGS.warmup_fraction * FLAGS.num_steps)
-    summaries, rhats = {}, {}
-    for name, precondition in PRECONDITIONING.items():
-        sampler, hp = setup.build(precondition), setup.hparams(step_sizes[name])
-        run = jax.jit(lambda k, s, th, xx: diagnostics.chain_draws(k, sampler, s, hp, th, xx,
-                                                                    num_steps=FLAGS.num_steps))
-        draws = run(jax.random.key(FLAGS.seed + 4), starts, setup.state.params["decoder"], x_rows)
-        rhat, ess = jax.jit(diagnostics.convergence_statistics, static_argnums=1)(draws, warmup)
-        label = f"{name}, step {step_sizes[name]:g}"
-        summaries[label] = {"step_size": step_sizes[name], "draws_per_chain": FLAGS.num_steps - warmup,
-                            **diagnostics.convergence_summary(rhat, ess)}
-        rhats[label] = np.asarray(rhat)
-    return summaries, rhats
-
-
-def _diverged_at(c) -> int | None:
-    """First step whose batch mean of log p is not finite (a diverged chain), or None."""
-    bad = np.flatnonzero(~np.isfinite(c.delta_log_p_mean))
-    return int(bad[0]) if bad.size else None
-
-
-def _curve_summary(curves: dict) -> dict:
-    return {label: {"diverged_at_step": _diverged_at(c),
-                    "delta_log_p_final_mean": float(c.delta_log_p_mean[-1]),
-                    "delta_log_p_final_sd": float(c.delta_log_p_sd[-1]),
-                    "drift_norm_start": float(c.drift_norm_mean[0]),
-                    "drift_norm_final": float(c.drift_norm_mean[-1]),
-                    **({} if c.acceptance_mean is None else {"acceptance_mean": float(c.acceptance_mean.mean())})}
-            for label, c in curves.items()}
 
 
 def _write_figures(out_dir: str, curves: dict, paths: dict, rhats: dict, title: str) -> list[str]:
@@ -205,16 +100,7 @@ def _load_images(config: Config) -> jax.Array:
     return jnp.asarray(sources.to_float(ds.images[:n]))
 
 
-def _starts(setup: Setup, x: jax.Array) -> tuple[jax.Array, str]:
-    """Chain starts as in training: a draw from q(z | x), or from the prior for warm_start=none."""
-    config, key = setup.config, jax.random.key(FLAGS.seed)
-    if config.warm_start == "none":
-        return config.prior_scale * jax.random.normal(key, (x.shape[0], config.latent_dim)), "prior"
-    mean, variance = setup.model.encoder.apply({"params": setup.state.params["encoder"]}, x)
-    return objectives.sample_gaussian(key, mean, variance), "encoder"
-
-
-def _load() -> tuple[Setup, jax.Array]:
+def _load() -> tuple[Config, chains.ChainSetup, jax.Array]:
     """The run, its sampler (flags override the run's config) and the test images; errors exit."""
     try:
         _check_flags()
@@ -224,12 +110,14 @@ def _load() -> tuple[Setup, jax.Array]:
         launch.exit_with_error(e)
     sampler = FLAGS.sampler or getattr(config, "sampler", "ula")
     friction = FLAGS.friction if FLAGS.friction is not None else getattr(config, "friction", 1.0)
-    return Setup(config, model, state, sampler, friction), images
+    setup = chains.ChainSetup(model, state, sampler, friction, config.decay, config.eps, config.warm_start,
+                              config.prior_scale)
+    return config, setup, images
 
 
-def _timed(timings: dict, name: str, fn, *args):
+def _timed(timings: dict, name: str, fn):
     t = time.time()
-    out = fn(*args)
+    out = fn()
     timings[name] = time.time() - t
     return out
 
@@ -247,16 +135,21 @@ def _write_json(out_dir: str, summary: dict, curves: dict) -> str:
 
 def main() -> None:
     t0, timings = time.time(), {}
-    setup, x = _load()
-    config, step = setup.config, int(setup.state.step)
-    print(f"chain diagnostics of {FLAGS.workdir} (step {step}): {setup.sampler}, T={FLAGS.num_steps}, "
-          f"step sizes {_curve_step_sizes(config)}", flush=True)
-    z0, start = _starts(setup, x)
+    config, setup, x = _load()
+    step, sizes, seed, steps = int(setup.state.step), _curve_step_sizes(config), FLAGS.seed, FLAGS.num_steps
+    print(f"chain diagnostics of {FLAGS.workdir} (step {step}): {setup.sampler}, T={steps}, "
+          f"step sizes {sizes}", flush=True)
+    z0, start = chains.chain_starts(setup, x, jax.random.key(seed))
     n, k = FLAGS.num_images, FLAGS.trajectory_images
-    curves = _timed(timings, "curves", _curves, setup, x[:n], z0[:n])
-    step_sizes = _stable_step_sizes(setup, curves)
-    paths, explained = _timed(timings, "trajectories", _trajectories, setup, x[:k], z0[:k], step_sizes)
-    convergence, rhats = _timed(timings, "convergence", _convergence, setup, x[:FLAGS.rhat_images], step_sizes)
+    curves = _timed(timings, "curves", lambda: chains.curves_by_step_size(
+        setup, x[:n], z0[:n], sizes, num_steps=steps, rng_key=jax.random.key(seed + 1)))
+    step_sizes = chains.usable_step_sizes(curves, sizes, float(config.step_size))
+    paths, explained = _timed(timings, "trajectories", lambda: chains.trajectories_by_setting(
+        setup, x[:k], z0[:k], step_sizes, num_steps=steps, rng_key=jax.random.key(seed + 2)))
+    convergence, rhats = _timed(timings, "convergence", lambda: chains.convergence_by_setting(
+        setup, x[:FLAGS.rhat_images], step_sizes, num_steps=steps, num_chains=FLAGS.num_chains,
+        overdispersion=FLAGS.overdispersion, warmup=int(FLAGS.warmup_fraction * steps),
+        start_key=jax.random.key(seed + 3), rng_key=jax.random.key(seed + 4)))
 
     out_dir = os.path.join(FLAGS.workdir, "diagnostics")
     title = f"{config.dataset} {config.algorithm}, step {step}, {setup.sampler}, T={FLAGS.num_steps}"
@@ -264,9 +157,9 @@ def main() -> None:
     summary = {
         "workdir": os.path.abspath(FLAGS.workdir), "checkpoint_step": step, "sampler": setup.sampler,
         "friction": setup.friction if setup.sampler == "underdamped" else None, "num_steps": FLAGS.num_steps,
-        "start": start, "num_images": n, "step_sizes": _curve_step_sizes(config),
+        "start": start, "num_images": n, "step_sizes": sizes,
         "run_step_size": config.step_size, "decay": config.decay, "eps": config.eps, "seed": FLAGS.seed,
-        "curves": _curve_summary(curves),
+        "curves": chains.curve_summary(curves),
         "trajectory_step_sizes": step_sizes,  # per setting: the run's if usable, else the largest usable
         "pca_explained_variance": explained,  # label -> per image, fraction of variance on the 2 PCs
         "convergence": {"images": FLAGS.rhat_images, "chains_per_image": FLAGS.num_chains,
