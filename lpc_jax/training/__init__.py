@@ -3,8 +3,7 @@
 ``config`` (the one source of settings and flags), ``build`` (a Config bound to the
 model and its train step), ``loop`` (the one training loop), ``train`` (a single
 run), ``sweep`` (many step sizes and decays in one program), ``restore``
-(``load_run``), ``evaluate`` (a restored run's evaluation) and ``chain_selection``
-(step sizes chosen from chain diagnostics).
+(``load_run``) and ``evaluate`` (a restored run's evaluation).
 
 Import rule: may import every other group; nothing in lpc_jax imports it but the
 package's face, ``lpc_jax/__init__.py``.
