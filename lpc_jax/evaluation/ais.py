@@ -42,13 +42,17 @@ images of a batch are one (C * B, D) batch of MALA chains.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, NamedTuple
+import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lpc_jax.data import sources
+from lpc_jax.model.state import Model
 from lpc_jax.sampling import langevin, mala
 
 Array = jax.Array
@@ -186,7 +190,7 @@ def _step_schedule(step_size, num_steps: int, batch: int) -> Array:
     except ValueError:
         raise ValueError(f"step_size of shape {h.shape} must be a scalar, (K,) = ({num_steps},) or "
                          f"(K, B) = ({num_steps}, {batch})") from None
-    if not isinstance(h, jax.core.Tracer) and not bool(jnp.all(h > 0)):
+    if not isinstance(h, jax.core.Tracer) and not bool(jnp.all(h > 0)):  # traced: checked by the caller
         raise ValueError("AIS step sizes must be > 0 (tune them with tune_step_sizes)")
     return h
 
@@ -308,3 +312,129 @@ def tune_step_sizes(rng_key: Array, log_joint_fn: Callable[[Array], Array], init
         return used
 
     return run(rng_key, init_mean, init_std)
+
+
+# --------------------------------------------------------------------------- #
+# A trained model's test images, in batches of one compiled shape.
+# --------------------------------------------------------------------------- #
+
+class AISOptions(NamedTuple):
+    """Settings of :func:`ais_per_image` (static: each value compiles its own program)."""
+
+    num_steps: int = 1000  # K intermediate distributions
+    num_chains: int = 16  # C chains per image
+    schedule_name: str = "sigmoid"
+    init: str = "prior"  # "prior": p_0 = N(0, prior_scale^2 I); "encoder": p_0 = q(z | x)
+    prior_scale: float = 1.0  # the run's prior_scale (Config.prior_scale)
+    step_size: float = 0.0  # fixed MALA step size; 0 = tune per image in a pilot pass
+    pilot_chains: int = 4  # chains per image of the pilot pass
+    target_acceptance: float = 0.6  # the pilot's target MALA acceptance
+
+
+@functools.partial(jax.jit, static_argnames=("model", "options"))
+def _ais_batch(params: Any, x: Array, rng_key: Array, latents: Array | None, *, model: Model,
+               options: AISOptions) -> tuple[Array, ...]:
+    log_joint = lambda z: model.log_joint(params["decoder"], x, z)
+    if options.init == "encoder":
+        mean, variance = model.encoder.apply({"params": params["encoder"]}, x)
+        std = jnp.sqrt(variance)
+    else:
+        z_shape = latents.shape if latents is not None else jax.eval_shape(
+            model.encoder.apply, {"params": params["encoder"]}, x)[0].shape
+        mean, std = jnp.zeros(z_shape, jnp.float32), jnp.full(z_shape, options.prior_scale, jnp.float32)
+    k_pilot, k_run = jax.random.split(rng_key)
+    kw = dict(num_steps=options.num_steps, schedule_name=options.schedule_name)
+    h = options.step_size
+    if h == 0.0:
+        h = tune_step_sizes(k_pilot, log_joint, mean, std, num_chains=options.pilot_chains,
+                            target_acceptance=options.target_acceptance, **kw)
+    if latents is None:
+        r = ais_log_likelihood(k_run, log_joint, mean, std, num_chains=options.num_chains, step_size=h, **kw)
+    else:
+        r = reverse_ais_log_likelihood(k_run, log_joint, mean, std, latents, num_chains=options.num_chains,
+                                       step_size=h, **kw)
+    return r.log_marginal, r.stderr, r.ess, r.acceptance
+
+
+def check_options(options: AISOptions) -> None:
+    """Raises ValueError, naming the bad field, unless ``options`` can run."""
+    if options.init not in ("prior", "encoder"):
+        raise ValueError(f"AIS init must be 'prior' or 'encoder'; got {options.init!r}")
+    if options.step_size < 0 or options.prior_scale <= 0 or options.pilot_chains < 1:
+        raise ValueError(f"need step_size >= 0 (0 = pilot), prior_scale > 0, pilot_chains >= 1; got "
+                         f"{options.step_size}, {options.prior_scale}, {options.pilot_chains}")
+    schedule(options.schedule_name, options.num_steps)  # raises on a bad schedule or K
+    if options.num_chains < 1:
+        raise ValueError(f"AIS needs num_chains >= 1; got {options.num_chains}")
+
+
+def ais_per_image(params: Any, model: Model, images: np.ndarray, rng_key: Array, *,
+                  options: AISOptions = AISOptions(), batch_size: int = 25, latents: np.ndarray | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """AIS estimate of log p(x) of each image under a trained decoder (nats).
+
+    Batch ``i`` holds images ``[i B, (i + 1) B)`` zero-padded to B rows (one compiled
+    shape) and uses key ``fold_in(rng_key, i)``; each batch runs the pilot pass (when
+    ``options.step_size`` is 0) and then the estimate, with the pilot's step sizes fixed.
+
+    Args:
+      params: ``{'decoder', 'encoder'}`` params; model: the run's Model.
+      images: (N, H, W, C) uint8 images.
+      rng_key: PRNG key.
+      options: :class:`AISOptions`.
+      batch_size: images per jitted call (B C chains run together).
+      latents: optional (N, D) exact posterior samples (the latents that generated
+        simulated ``images``): then reverse AIS, an upper bound, is run instead.
+      progress: called as ``progress(images_done, N)`` after each batch.
+
+    Returns:
+      ``{"log_marginal", "stderr", "ess"}`` each (N,) float64, and ``"acceptance"``
+      (K,), the mean acceptance per temperature over the batches.
+
+    Raises:
+      ValueError: bad options, batch size, or ``latents`` not (N, D).
+    """
+    check_options(options)
+    n = images.shape[0]
+    if batch_size < 1 or n < 1:
+        raise ValueError(f"need batch_size >= 1 and at least one image; got {batch_size}, {n}")
+    if latents is not None and (latents.ndim != 2 or latents.shape[0] != n):
+        raise ValueError(f"latents must be (N, D) with N = {n} images; got {latents.shape}")
+    batch_size = min(batch_size, n)
+    outs, accs = [], []
+    for i, start in enumerate(range(0, n, batch_size)):
+        x = sources.to_float(images[start:start + batch_size])
+        valid = x.shape[0]
+        pad = lambda a: np.concatenate([a, np.zeros((batch_size - valid, *a.shape[1:]), a.dtype)])
+        z = None if latents is None else jnp.asarray(pad(np.asarray(latents[start:start + batch_size])))
+        out = _ais_batch(params, jnp.asarray(pad(x)), jax.random.fold_in(rng_key, i), z, model=model, options=options)
+        outs.append([np.asarray(a, np.float64)[:valid] for a in out[:3]])
+        accs.append(np.asarray(out[3], np.float64))
+        if progress is not None:
+            progress(start + valid, n)
+    cat = [np.concatenate(parts) for parts in zip(*outs)]
+    return {"log_marginal": cat[0], "stderr": cat[1], "ess": cat[2], "acceptance": np.mean(accs, axis=0)}
+
+
+def estimate_seconds(params: Any, model: Model, images: np.ndarray, *, options: AISOptions,
+                     batch_size: int = 25) -> float:
+    """Seconds :func:`ais_per_image` will take on ``images``, from one timed log-joint VJP.
+
+    One MALA step of a batch costs two VJPs of log p(x, z) over its B C rows (at the
+    current point and at the proposal) plus a forward pass for the weight; the pilot
+    adds the same per pilot chain. Compilation is not included.
+    """
+    n = images.shape[0]
+    batch_size = min(batch_size, n)
+    x = jnp.asarray(np.repeat(sources.to_float(images[:1]), batch_size * options.num_chains, axis=0))
+    z_dim = jax.eval_shape(model.encoder.apply, {"params": params["encoder"]}, x[:1])[0].shape[-1]
+    vjp = jax.jit(lambda z: jax.grad(lambda z: model.log_joint(params["decoder"], x, z).sum())(z))
+    z = jnp.zeros((x.shape[0], z_dim), jnp.float32)
+    vjp(z).block_until_ready()
+    t = time.perf_counter()
+    vjp(z).block_until_ready()
+    seconds_per_row_step = (time.perf_counter() - t) * 2.4 / x.shape[0]
+    pilot = options.pilot_chains if options.step_size == 0.0 else 0
+    num_batches = -(-n // batch_size)
+    rows = num_batches * batch_size * (options.num_chains + pilot)
+    return seconds_per_row_step * rows * options.num_steps

@@ -155,3 +155,37 @@ def test_bad_inputs_raise_before_running(ppca):
     with pytest.raises(ValueError, match="target_acceptance"):
         ais.tune_step_sizes(jax.random.key(0), ppca.log_joint, *prior, num_steps=4, num_chains=2,
                             target_acceptance=1.5)
+
+
+def test_ais_per_image_on_a_model_and_the_ais_evaluator():
+    import optax
+
+    from lpc_jax.evaluation import evaluators
+    from lpc_jax.model.state import create_train_state
+    from tests import tiny_model as tiny
+
+    model = tiny.tiny_model(optax.adam(1e-3))
+    params = create_train_state(jax.random.key(0), model, tiny.SHAPE, tiny.LATENT).params
+    images = np.random.default_rng(0).integers(0, 256, size=(5, *tiny.SHAPE), dtype=np.uint8)
+    options = ais.AISOptions(num_steps=20, num_chains=4)  # as the evaluator below builds it: one compile
+    seen = []
+    out = ais.ais_per_image(params, model, images, jax.random.key(1), options=options, batch_size=2,
+                            progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]  # the last batch is padded, its padding dropped
+    assert out["log_marginal"].shape == out["stderr"].shape == (5,) and out["acceptance"].shape == (20,)
+    assert np.all(np.isfinite(out["log_marginal"])) and np.all((out["ess"] >= 1) & (out["ess"] <= 4 + 1e-6))
+    upper = ais.ais_per_image(params, model, images, jax.random.key(1), options=options, batch_size=2,
+                              latents=np.zeros((5, tiny.LATENT), np.float32))
+    assert upper["log_marginal"].shape == (5,) and np.all(np.isfinite(upper["log_marginal"]))
+    assert ais.estimate_seconds(params, model, images, options=options, batch_size=2) > 0
+
+    opts = evaluators.EvalOptions(ais_steps=20, ais_chains=4, ais_examples=3, ais_batch_size=2)
+    assert "ais" in evaluators.default_evaluators(opts)
+    assert "ais" not in evaluators.default_evaluators(evaluators.EvalOptions())
+    bound = evaluators.make_evaluators(["ais"], "fashion_mnist", opts, images)
+    metrics = bound["ais"](params, model, images, images, jax.random.key(2))
+    assert metrics["ais_examples"] == 3 and len(metrics["ais_per_image_nats"]) == 3
+    dims = int(np.prod(tiny.SHAPE))
+    assert metrics["ais_bits_per_dim"] == pytest.approx(-metrics["ais_log_likelihood_nats"] / (dims * math.log(2)))
+    with pytest.raises(ValueError, match="init"):
+        evaluators.make_evaluators(["ais"], "fashion_mnist", opts._replace(ais_init="posterior"), images)
