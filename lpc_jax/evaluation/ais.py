@@ -385,7 +385,7 @@ def ais_per_image(params: Any, model: Model, images: np.ndarray, rng_key: Array,
       batch_size: images per jitted call (B C chains run together).
       latents: optional (N, D) exact posterior samples (the latents that generated
         simulated ``images``): then reverse AIS, an upper bound, is run instead.
-      progress: called as ``progress(images_done, N)`` after each batch.
+      progress: called as ``progress(images_done, N)`` before the first batch (0) and after each.
 
     Returns:
       ``{"log_marginal", "stderr", "ess"}`` each (N,) float64, and ``"acceptance"``
@@ -402,6 +402,8 @@ def ais_per_image(params: Any, model: Model, images: np.ndarray, rng_key: Array,
         raise ValueError(f"latents must be (N, D) with N = {n} images; got {latents.shape}")
     batch_size = min(batch_size, n)
     outs, accs = [], []
+    if progress is not None:
+        progress(0, n)
     for i, start in enumerate(range(0, n, batch_size)):
         x = sources.to_float(images[start:start + batch_size])
         valid = x.shape[0]

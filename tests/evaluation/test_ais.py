@@ -171,7 +171,7 @@ def test_ais_per_image_on_a_model_and_the_ais_evaluator():
     seen = []
     out = ais.ais_per_image(params, model, images, jax.random.key(1), options=options, batch_size=2,
                             progress=lambda done, total: seen.append((done, total)))
-    assert seen == [(2, 5), (4, 5), (5, 5)]  # the last batch is padded, its padding dropped
+    assert seen == [(0, 5), (2, 5), (4, 5), (5, 5)]  # the last batch is padded, its padding dropped
     assert out["log_marginal"].shape == out["stderr"].shape == (5,) and out["acceptance"].shape == (20,)
     assert np.all(np.isfinite(out["log_marginal"])) and np.all((out["ess"] >= 1) & (out["ess"] <= 4 + 1e-6))
     upper = ais.ais_per_image(params, model, images, jax.random.key(1), options=options, batch_size=2,
