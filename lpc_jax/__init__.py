@@ -13,7 +13,8 @@ Samplers (modules with ``init`` and ``build_kernel``; blackjax's interface)::
 The model and its train steps: ``Decoder``, ``Encoder``, ``make_log_joint``,
 ``sample_prior``, ``Model``, ``TrainState``, ``create_train_state``,
 ``lpc_train_step``, ``vae_train_step``; ``inference`` (reconstruct, inpaint,
-denoise). Runs: ``Config``, ``build_model``, ``train_and_evaluate``, ``run_sweep``, ``load_run``, ``evaluate``. Evaluation: ``EVALUATORS``, ``EvalOptions``, ``make_evaluators``,
+denoise). Runs: ``Config``, ``build_model``, ``make_train_step``, ``train_and_evaluate``,
+``run_sweep``, ``load_run``, ``evaluate``. Evaluation: ``EVALUATORS``, ``EvalOptions``, ``make_evaluators``,
 ``test_elbo``, ``iwae_bound``, ``ais`` / ``ais_log_likelihood`` (annealed
 importance sampling, reverse AIS for BDMC), ``FDMonitor``. Data: ``load_dataset``,
 ``image_shape``, ``to_float``.
