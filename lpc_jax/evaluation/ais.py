@@ -221,6 +221,10 @@ def ais_log_likelihood(rng_key: Array, log_joint_fn: Callable[[Array], Array], i
       schedule_name: ``"sigmoid"`` or ``"linear"`` (:func:`schedule`).
       num_mcmc_steps: MALA steps per temperature (static).
 
+    Each call compiles anew (``log_joint_fn`` is usually a fresh closure); to evaluate
+    many batches with one compilation, call it inside a jitted function that takes the
+    data as arguments (as :func:`ais_per_image` does); nested in ``jit`` it just traces.
+
     Returns:
       :class:`AISResult`; ``log_marginal`` (B,) nats.
 
