@@ -12,11 +12,12 @@ Samplers (modules with ``init`` and ``build_kernel``; blackjax's interface)::
 
 The model and its train steps: ``Decoder``, ``Encoder``, ``make_log_joint``,
 ``sample_prior``, ``Model``, ``TrainState``, ``create_train_state``,
-``lpc_train_step``, ``vae_train_step``. Runs: ``Config``, ``build_model``,
-``make_train_step``, ``train_and_evaluate``, ``run_sweep``, ``load_run``,
-``evaluate``. Evaluation: ``EVALUATORS``, ``EvalOptions``, ``make_evaluators``,
-``test_elbo``, ``iwae_bound``, ``FDMonitor``. Data: ``load_dataset``, ``image_shape``,
-``to_float``.
+``lpc_train_step``, ``vae_train_step``; ``inference`` (reconstruct, inpaint,
+denoise). Runs: ``Config``, ``build_model``, ``make_train_step``, ``train_and_evaluate``,
+``run_sweep``, ``load_run``, ``evaluate``. Evaluation: ``EVALUATORS``, ``EvalOptions``, ``make_evaluators``,
+``test_elbo``, ``iwae_bound``, ``ais`` / ``ais_log_likelihood`` (annealed
+importance sampling, reverse AIS for BDMC), ``FDMonitor``. Data: ``load_dataset``,
+``image_shape``, ``to_float``.
 
 Names load lazily, on first use, so ``import lpc_jax`` itself imports no JAX.
 
@@ -57,6 +58,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "create_train_state": ("lpc_jax.model.state", "create_train_state"),
     "lpc_train_step": ("lpc_jax.model.steps", "lpc_train_step"),
     "vae_train_step": ("lpc_jax.model.steps", "vae_train_step"),
+    "inference": ("lpc_jax.model.inference", None),
     # data
     "load_dataset": ("lpc_jax.data.sources", "load"),
     "image_shape": ("lpc_jax.data.sources", "image_shape"),
@@ -68,6 +70,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "run_evaluators": ("lpc_jax.evaluation.evaluators", "run_evaluators"),
     "test_elbo": ("lpc_jax.evaluation.bounds", "test_elbo"),
     "iwae_bound": ("lpc_jax.evaluation.bounds", "iwae_bound"),
+    "ais": ("lpc_jax.evaluation.ais", None),
+    "ais_log_likelihood": ("lpc_jax.evaluation.ais", "ais_log_likelihood"),
     "FDMonitor": ("lpc_jax.evaluation.monitor", "FDMonitor"),
     # training
     "Config": ("lpc_jax.training.config", "Config"),

@@ -13,7 +13,10 @@ bound by :func:`make_evaluators` and chosen by name (``EVALUATORS``):
   ``fid``, ``kid_inception``, ``density_inception``, ``coverage_inception``;
 * ``likelihood`` (:func:`likelihood_metrics`): the importance-weighted bound
   on log p(x) (Burda et al. 2016) with the encoder as proposal, in nats per
-  image and bits/dim, and the test ELBO (:mod:`lpc_jax.evaluation.bounds`).
+  image and bits/dim, and the test ELBO (:mod:`lpc_jax.evaluation.bounds`);
+* ``ais`` (:func:`ais_metrics`, only when ``EvalOptions.ais_steps`` > 0): annealed
+  importance sampling of log p(x) from the prior (:mod:`lpc_jax.evaluation.ais`),
+  the decoder's likelihood without the encoder's help, in nats and bits/dim.
 
 :func:`run_evaluators` runs them on one set of samples and times each; a whole
 run is evaluated by :func:`lpc_jax.training.evaluate.evaluate`.
@@ -29,7 +32,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from lpc_jax.evaluation import bounds, classifier, features
+from lpc_jax.evaluation import ais, bounds, classifier, features
 from lpc_jax.model.state import Model
 
 Params = Any
@@ -144,6 +147,44 @@ def likelihood_metrics(params: Params, model: Model, real: np.ndarray, fake: np.
     return out
 
 
+def ais_metrics(params: Params, model: Model, real: np.ndarray, fake: np.ndarray, rng_key: jax.Array, *,
+                images: np.ndarray, options: ais.AISOptions, examples: int = 100, batch_size: int = 25,
+                progress: Callable[[int, int], None] | None = None) -> dict:
+    """AIS log-likelihood (Neal 2001) of the first ``examples`` held-out images, nats and bits/dim.
+
+    Args:
+      params, model: the run's; real, fake: unused (the held-out set is ``images``).
+      rng_key: the AIS key (pilot and estimate per batch, :func:`lpc_jax.evaluation.ais.ais_per_image`).
+      images: (N, H, W, C) uint8 held-out images.
+      options: :class:`lpc_jax.evaluation.ais.AISOptions` (K, chains, schedule, init, step size).
+      examples: the first this many ``images`` are evaluated.
+      batch_size: images per jitted call.
+      progress: ``progress(images_done, examples)`` after each batch.
+
+    Returns:
+      ``ais_log_likelihood_nats`` (mean over images), ``ais_log_likelihood_stderr_nats``
+      (its standard error over images), ``ais_chain_stderr_nats`` (root-mean-square of
+      the per-image delta-method standard errors over chains), ``ais_bits_per_dim``,
+      ``ais_ess`` (mean effective sample size of the chains), ``ais_acceptance``,
+      ``ais_steps``, ``ais_chains``, ``ais_examples``, ``ais_init``; and
+      ``ais_per_image_nats`` (list) for pairing with other bounds on the same images.
+    """
+    del real, fake
+    sub = images[:examples]
+    out = ais.ais_per_image(params, model, sub, rng_key, options=options, batch_size=batch_size, progress=progress)
+    ll = out["log_marginal"]
+    mean = float(np.mean(ll))
+    return {
+        "ais_log_likelihood_nats": mean,
+        "ais_log_likelihood_stderr_nats": float(np.std(ll) / math.sqrt(len(ll))),
+        "ais_chain_stderr_nats": float(np.sqrt(np.nanmean(out["stderr"] ** 2))),
+        "ais_bits_per_dim": float(bounds.bits_per_dim(mean, int(np.prod(images.shape[1:])))),
+        "ais_ess": float(np.mean(out["ess"])), "ais_acceptance": float(np.mean(out["acceptance"])),
+        "ais_steps": options.num_steps, "ais_chains": options.num_chains, "ais_examples": int(len(ll)),
+        "ais_init": options.init, "ais_per_image_nats": [float(v) for v in ll],
+    }
+
+
 class EvalOptions(NamedTuple):
     """Options of :func:`evaluate` and its evaluators; each evaluator reads its own."""
 
@@ -158,6 +199,15 @@ class EvalOptions(NamedTuple):
     iwae_examples: int = 1000  # first test images that get the IWAE bound
     iwae_batch_size: int = 50
     elbo_examples: int = 0  # first test images that get the test ELBO; 0 = the whole split
+    ais_steps: int = 0  # AIS intermediate distributions K; 0 = no AIS evaluator by default
+    ais_chains: int = 16  # AIS chains per image
+    ais_examples: int = 100  # first test images that get the AIS estimate
+    ais_batch_size: int = 25
+    ais_schedule: str = "sigmoid"  # or "linear"
+    ais_init: str = "prior"  # or "encoder" (q(z|x) as the path's start)
+    ais_prior_scale: float = 1.0  # the run's Config.prior_scale
+    ais_step_size: float = 0.0  # fixed MALA step size; 0 = a pilot pass tunes one per image and temperature
+    ais_progress: Callable[[int, int], None] | None = None  # progress(images_done, ais_examples)
 
 
 def _bind_classifier(dataset: str, options: EvalOptions, images: np.ndarray) -> Evaluator:
@@ -186,18 +236,31 @@ def _bind_likelihood(dataset: str, options: EvalOptions, images: np.ndarray) -> 
                              elbo_examples=options.elbo_examples)
 
 
+def _bind_ais(dataset: str, options: EvalOptions, images: np.ndarray) -> Evaluator:
+    del dataset
+    ais_options = ais.AISOptions(
+        num_steps=options.ais_steps, num_chains=options.ais_chains, schedule_name=options.ais_schedule,
+        init=options.ais_init, prior_scale=options.ais_prior_scale, step_size=options.ais_step_size)
+    ais.check_options(ais_options)  # bad settings fail here, before any evaluator runs
+    return functools.partial(ais_metrics, images=images, options=ais_options, examples=options.ais_examples,
+                             batch_size=options.ais_batch_size, progress=options.ais_progress)
+
+
 # name -> builder (dataset, options, held-out images) -> Evaluator
 EVALUATORS: dict[str, Callable[[str, EvalOptions, np.ndarray], Evaluator]] = {
     "classifier": _bind_classifier,
     "inception": _bind_inception,
     "likelihood": _bind_likelihood,
+    "ais": _bind_ais,
 }
 
 
 def default_evaluators(options: EvalOptions) -> tuple[str, ...]:
-    """``classifier``, ``inception`` (only with Inception weights or variables) and ``likelihood``."""
+    """``classifier``, ``inception`` (only with Inception weights or variables), ``likelihood``
+    and ``ais`` (only with ``ais_steps`` > 0)."""
     with_inception = bool(options.inception_weights) or options.inception_variables is not None
-    return ("classifier", "inception", "likelihood") if with_inception else ("classifier", "likelihood")
+    names = ("classifier", "inception", "likelihood") if with_inception else ("classifier", "likelihood")
+    return names + ("ais",) if options.ais_steps > 0 else names
 
 
 def make_evaluators(names: Sequence[str], dataset: str, options: EvalOptions,

@@ -316,3 +316,27 @@ def test_cli_writes_eval_json_and_png(run_dir):
     assert out["num_samples"] == 100 and math.isfinite(out["fd_fmnist"]) and out["step"] == 4
     assert os.path.isfile(os.path.join(run_dir, "eval_samples.png"))
     assert "wrote" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_ais_prints_its_cost_and_progress_and_reports_nats_and_bits(run_dir):
+    proc = _cli(f"--workdir={run_dir}", "--num_samples=100", "--iwae_samples=8", "--iwae_examples=4",
+                "--elbo_examples=16", "--kid_subsets=2", "--ais_steps=5", "--ais_chains=2", "--ais_examples=4",
+                "--ais_batch_size=2", "--output=eval_ais.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "AIS: 4 images x 2 chains x K=5" in proc.stdout and "estimated" in proc.stdout
+    assert "AIS 2/4 images" in proc.stdout and "ETA" in proc.stdout
+    with open(os.path.join(run_dir, "eval_ais.json")) as f:
+        out = json.load(f)
+    assert math.isfinite(out["ais_log_likelihood_nats"]) and out["ais_examples"] == 4
+    assert out["ais_bits_per_dim"] == pytest.approx(-out["ais_log_likelihood_nats"] / (784 * math.log(2)))
+
+
+@pytest.mark.slow
+def test_infer_cli_writes_its_four_pngs(run_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.infer", f"--workdir={run_dir}", "--num_images=2",
+                           "--num_samples=2", "--num_steps=3", f"--outdir={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("reconstruction", "inpainting", "denoising", "log_p"):
+        assert os.path.getsize(tmp_path / f"infer_{name}.png") > 0
