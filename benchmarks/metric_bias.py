@@ -20,6 +20,12 @@ adaptive form, with the EMA fed the current drift only (the code before issue 22
 the current and proposed drifts (now).
 
 ``first_step``: |z_1| after one step of size 0.03 from |z_0| ~ 8e-6 on the same target.
+
+``lpc_first_step`` (with ``--workdir`` of a Fashion-MNIST LPC run, ``--step`` its checkpoint):
+on 512 test images, z_0 ~ q(z | x) as the train step draws it, the first chain step's noise
+sd per coordinate, sqrt(2 h G_1) at the run's step size h, under each metric; the share of
+coordinates where it exceeds the prior sd (prior_scale) and the encoder's posterior sd, and
+the median drift |g| per coordinate.
 """
 
 from __future__ import annotations
@@ -142,12 +148,49 @@ def first_step_table() -> list[dict]:
     return rows
 
 
+def lpc_first_step_table(workdir: str, step: int | None) -> list[dict]:
+    from lpc_jax.data import sources
+    from lpc_jax.model import objectives
+    from lpc_jax.sampling import preconditioner
+    from lpc_jax.training import restore
+
+    config, model, state = restore.load_run(workdir, step)
+    x = jnp.asarray(sources.to_float(sources.load(config.dataset, "test", max_examples=512).images))
+    mean, variance = model.encoder.apply({"params": state.params["encoder"]}, x)
+    z0 = objectives.sample_gaussian(jax.random.key(0), mean, variance)
+    drift = jax.grad(lambda z: model.log_joint(state.params["decoder"], x, z).sum())(z0)
+    zero, decay, eps = jnp.zeros((), jnp.int32), jnp.float32(config.decay), jnp.float32(config.eps)
+    metrics = {form: preconditioner.update(jnp.zeros_like(drift), drift, zero, decay, eps, form)[1]
+               for form in preconditioner.FORMS}
+    metrics.update(encoder=variance, none=jnp.ones_like(drift))
+    rows = []
+    for name, g in metrics.items():
+        noise_sd = np.asarray(jnp.sqrt(2 * config.step_size * g))
+        row = dict(metric=name, step_size=config.step_size, checkpoint=int(state.step),
+                   median_abs_drift=float(np.median(np.abs(np.asarray(drift)))),
+                   median_noise_sd=float(np.median(noise_sd)),
+                   share_noise_above_prior_sd=float((noise_sd > config.prior_scale).mean()),
+                   share_noise_above_posterior_sd=float((noise_sd > np.sqrt(np.asarray(variance))).mean()))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tables", default="bias,stuck,first_step")
-    tables = parser.parse_args().tables.split(",")
-    for name in tables:
-        {"bias": bias_table, "stuck": stuck_table, "first_step": first_step_table}[name]()
+    parser.add_argument("--workdir", default=None, help="an LPC run, for --tables=lpc_first_step")
+    parser.add_argument("--step", type=int, default=None, help="its checkpoint (default: the newest)")
+    args = parser.parse_args()
+    if "lpc_first_step" in args.tables:  # the launchers' device split, which the checkpoint was written with
+        from lpc_jax.runtime import distributed
+
+        distributed.set_cpu_devices(distributed.cpu_devices_for(0, 64))
+    for name in args.tables.split(","):
+        if name == "lpc_first_step":
+            lpc_first_step_table(args.workdir, args.step)
+        else:
+            {"bias": bias_table, "stuck": stuck_table, "first_step": first_step_table}[name]()
 
 
 if __name__ == "__main__":

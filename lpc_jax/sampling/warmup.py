@@ -26,7 +26,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from blackjax.adaptation.mass_matrix import welford_algorithm
 
 Array = jax.Array
 
@@ -58,6 +57,10 @@ def estimate_metric(rng_key: Array, kernel: Callable, state, hparams, num_steps:
     """
     if num_steps < 2:
         raise ValueError(f"num_steps={num_steps} is invalid: a variance needs a warm-up of at least 2 steps")
+    # Imported here: importing blackjax starts JAX's backends, which a launcher must be able
+    # to configure (distributed.set_cpu_devices) after importing lpc_jax.
+    from blackjax.adaptation.mass_matrix import welford_algorithm
+
     w_init, w_update, w_final = welford_algorithm(is_diagonal_matrix=True)
     batch, dim = state.z.shape
     welford0 = jax.vmap(lambda _: w_init(dim))(jnp.arange(batch))
