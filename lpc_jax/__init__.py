@@ -42,6 +42,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "underdamped": ("lpc_jax.sampling.underdamped", None),
     "samplers": ("lpc_jax.sampling.samplers", None),
     "preconditioner": ("lpc_jax.sampling.preconditioner", None),
+    "warmup": ("lpc_jax.sampling.warmup", None),
     "diagnostics": ("lpc_jax.sampling.diagnostics", None),
     "LangevinHParams": ("lpc_jax.sampling.langevin", "LangevinHParams"),
     "sample_chain": ("lpc_jax.sampling.langevin", "sample_chain"),

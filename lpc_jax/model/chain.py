@@ -20,12 +20,43 @@ from jax.sharding import PartitionSpec as P
 
 from lpc_jax.model import likelihoods, objectives
 from lpc_jax.model.state import Model
-from lpc_jax.sampling import langevin, samplers
+from lpc_jax.sampling import langevin, preconditioner, samplers
 
 Array = jax.Array
 
 
 CHAIN_DTYPES = ("float32", "bfloat16")
+# The chain's diagonal metric G (issue 22; docs/results.md, "The preconditioner against ground truth").
+METRICS = ("auto", *preconditioner.FORMS, "encoder", "none")
+
+
+def chain_metric(metric: str, precondition: bool, variance: Array) -> tuple[bool | str, Array | None]:
+    """The samplers' ``(precondition, metric)`` arguments for the train step's ``metric`` choice.
+
+    Args:
+      metric: one of ``METRICS``. ``auto``: what ``precondition`` has always meant (True: the
+        published Adam-style metric ``adam_paper``; False: G = 1). ``adam_paper`` / ``adam``:
+        that adaptive form (:mod:`lpc_jax.sampling.preconditioner`). ``encoder``: the
+        amortised posterior's variance sigma_q^2(x), per example and constant over the chain
+        (MALA stays exact, ULA keeps only its discretisation bias). ``none``: G = 1.
+      precondition: read only for ``auto``.
+      variance: (B, D) the encoder's variance; no gradient flows through the metric.
+
+    Returns:
+      ``(precondition, fixed metric (B, D) or None)`` for :func:`lpc_jax.sampling.samplers.build`.
+
+    Raises:
+      ValueError: ``metric`` is not one of ``METRICS``.
+    """
+    if metric == "auto":
+        return bool(precondition), None
+    if metric in preconditioner.FORMS:
+        return metric, None
+    if metric == "encoder":
+        return False, jax.lax.stop_gradient(variance)
+    if metric == "none":
+        return False, None
+    raise ValueError(f"metric={metric!r} is invalid: choose one of {list(METRICS)}")
 
 
 def chain_log_joint(model: Model, x: Array, *, prior_scale: float = 1.0,
@@ -93,9 +124,12 @@ class Chain(NamedTuple):
 
 
 def run_chain(log_joint: Callable, theta, z0: Array, center: Array, hparams: langevin.LangevinHParams,
-              keys: Array, *, precondition: bool, selected: Array | None, sampler: str = "ula",
-              friction: float = 1.0, axis_name: str | None = None) -> Chain:
+              keys: Array, *, precondition: bool | str, selected: Array | None, sampler: str = "ula",
+              friction: float = 1.0, metric: Array | None = None, axis_name: str | None = None) -> Chain:
     """T Langevin steps in a ``lax.scan``; ``selected`` (T,) bool or None (every step).
+
+    ``precondition`` and ``metric`` (a fixed (B, D) metric, e.g. the encoder's variance) are
+    the samplers' (:func:`chain_metric`).
 
     A selected step is ONE VJP of log p w.r.t. (theta, z): the drift and grad_theta
     (eq. 8). An unselected one, under ``lax.cond``, is a VJP w.r.t. z only, so XLA drops
@@ -107,8 +141,8 @@ def run_chain(log_joint: Callable, theta, z0: Array, center: Array, hparams: lan
     grad_theta; the sum over shards (a ``psum``) and the traces' batch means (a
     ``pmean``) are taken once, after the loop.
     """
-    build = functools.partial(samplers.build, sampler, precondition=precondition, friction=friction,
-                              axis_name=axis_name)
+    build = functools.partial(samplers.build, sampler, precondition=precondition, metric=metric,
+                              friction=friction, axis_name=axis_name)
     init, kernel = build(log_joint, with_param_grad=True)
     z_kernel = build(lambda z: log_joint(theta, z)).kernel
     # Varying over the shards, theta's cotangent stays each shard's own: the VJP of a
@@ -151,13 +185,14 @@ class ChainInputs(NamedTuple):
     hparams: langevin.LangevinHParams  # (replicated)
     keys: Array  # (T,) chain step keys (replicated)
     selected: Array | None  # (T,) bool or None (replicated)
+    metric: Array | None = None  # (B, D) fixed diagonal metric or None (rows)
 
 
 def run_chain_data_parallel(mesh: jax.sharding.Mesh, run: Callable[..., Chain], inputs: ChainInputs, *,
                             init: Callable) -> Chain:
     """``run(inputs, axis_name=...)`` under ``shard_map`` over ``mesh``'s one axis.
 
-    The rows of ``x``, ``z0`` and ``center`` (and of the chain state and moments it
+    The rows of ``x``, ``z0``, ``center`` and ``metric`` (and of the chain state and moments it
     returns) are split over the axis; theta, hparams, keys, ``selected`` and the
     returned grad_theta and traces are replicated. ``init`` is the sampler's, for
     the state's layout: its per-chain fields are rows, its step count is replicated.
@@ -167,7 +202,7 @@ def run_chain_data_parallel(mesh: jax.sharding.Mesh, run: Callable[..., Chain], 
     state_specs = jax.tree.map(lambda a: whole if a.ndim == 0 else rows, jax.eval_shape(init, inputs.z0))
     return jax.shard_map(
         functools.partial(run, axis_name=axis), mesh=mesh,
-        in_specs=(ChainInputs(whole, rows, rows, rows, whole, whole, whole),),
+        in_specs=(ChainInputs(whole, rows, rows, rows, whole, whole, whole, rows),),
         out_specs=Chain(state_specs, whole, rows, whole, whole, whole),
     )(inputs)
 

@@ -42,7 +42,8 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
                    model: Model, num_steps: int, warm_start: str = "jeffreys", precondition: bool = True,
                    prior_scale: float = 1.0, prior_init_batches: int = 50, chain_dtype: str = "float32",
                    theta_grad_every: int = 1, theta_grad_phase: Array | int | None = None,
-                   sampler: str = "ula", friction: float = 1.0, mesh: jax.sharding.Mesh | None = None):
+                   sampler: str = "ula", friction: float = 1.0, metric: str = "auto",
+                   mesh: jax.sharding.Mesh | None = None):
     """One LPC SGD step on batch ``x`` (Algorithm 1, eqs. 5, 8, 11, 16, 17).
 
     Args:
@@ -53,7 +54,7 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
       model: networks and optimiser (static).
       num_steps: chain length T (static).
       warm_start: ``none``, ``forward_kl``, ``reverse_kl`` or ``jeffreys`` (static).
-      precondition: Adam-style metric on the drift (static).
+      precondition: Adam-style metric on the drift (static), read for ``metric="auto"`` only.
       prior_scale: prior standard deviation, for prior initialisation.
       prior_init_batches: chains start from the prior while ``state.step`` is below this.
       chain_dtype: ``float32`` or ``bfloat16``, the decoder's precision in the chain (static,
@@ -61,15 +62,13 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
       theta_grad_every: k >= 1 (static): grad_theta only on the steps of :func:`lpc_jax.model.chain.theta_grad_steps`,
         weighted k/T (unbiased for eq. 8's average), the others take the drift only; 1 is eq. 8.
       theta_grad_phase: their phase in [0, k) (int32, may be traced); None draws it uniformly.
-      sampler: ``ula``, ``mala`` or ``underdamped`` (static; :mod:`lpc_jax.sampling.samplers`).
-      friction: the underdamped sampler's friction.
-      mesh: static; a 1-D mesh whose devices hold equal blocks of ``x``'s rows (the
-        launchers' ``distributed.data_parallel``). With more than one device the chain
-        runs under ``shard_map``: each device runs its rows' chains, with the same noise
-        as unsharded, and sums its own grad_theta, all-reduced once after the T steps
-        instead of on every step as XLA's automatic partitioning does. The result is
-        the ``mesh=None`` one up to float32 summation order. None (or one device): the
-        chain as written, partitioned (if at all) by XLA.
+      sampler, friction: ``ula``, ``mala`` or ``underdamped`` (static), the latter's friction.
+      metric: static; the chain's diagonal metric, one of :data:`lpc_jax.model.chain.METRICS`
+        (``auto``: ``precondition``'s; ``encoder``: sigma_q^2(x), fixed per chain).
+      mesh: static; a 1-D mesh holding equal blocks of ``x``'s rows: with more than one device
+        the chain runs under ``shard_map`` (each device its rows' chains, the unsharded noise,
+        one all-reduce of grad_theta after the T steps; the ``mesh=None`` result up to float32
+        summation order). None (or one device): the chain as written, partitioned by XLA.
 
     Returns:
       ``(new_state, metrics)``; metrics (nats per example): ``log_p_start``,
@@ -86,15 +85,16 @@ def lpc_train_step(state: TrainState, x: Array, rng_key: Array, hparams: langevi
     z0 = _chain_start(state.step, mean, variance, (k_q, k_prior), warm_start=warm_start, prior_scale=prior_scale,
                       prior_init_batches=prior_init_batches)
     selected = chain.selected_steps(k_chain, num_steps, theta_grad_every, theta_grad_phase)
+    chain_precondition, fixed_metric = chain.chain_metric(metric, precondition, variance)
 
     def run(inputs: chain.ChainInputs, axis_name: str | None = None) -> chain.Chain:
         log_joint = chain.chain_log_joint(model, inputs.x, prior_scale=prior_scale, chain_dtype=chain_dtype)
         return chain.run_chain(log_joint, inputs.theta, inputs.z0, inputs.center, inputs.hparams, inputs.keys,
-                               precondition=precondition, selected=inputs.selected, sampler=sampler,
-                               friction=friction, axis_name=axis_name)
+                               precondition=chain_precondition, selected=inputs.selected, sampler=sampler,
+                               friction=friction, metric=inputs.metric, axis_name=axis_name)
 
     inputs = chain.ChainInputs(theta, x, z0, jax.lax.stop_gradient(mean), hparams,
-                               jax.random.split(k_chain, num_steps), selected)
+                               jax.random.split(k_chain, num_steps), selected, fixed_metric)
     if mesh is None or mesh.size == 1:
         result = run(inputs)
     else:

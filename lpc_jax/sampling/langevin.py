@@ -134,7 +134,7 @@ def draw_rows(draw: Callable[..., Array], rng_key: Array, shape: tuple[int, ...]
 
 
 def update(rng_key: Array, state: LangevinState, drift: Array, hparams: LangevinHParams, *,
-           precondition: bool = True, noise: bool = True, metric: Array | None = None,
+           precondition: bool | str = True, noise: bool = True, metric: Array | None = None,
            axis_name: str | None = None) -> LangevinState:
     """The Langevin transition given the drift at ``state.z`` (eqs. 18-19).
 
@@ -146,7 +146,8 @@ def update(rng_key: Array, state: LangevinState, drift: Array, hparams: Langevin
       state: current state; ``state.z`` is (B, D).
       drift: (B, D) grad_z log p at ``state.z``.
       hparams: step size, decay, eps (traced).
-      precondition: static; use the Adam-style metric G, else G = 1.
+      precondition: static; the Adam-style metric G (True = ``adam_paper``, or a form of
+        :data:`lpc_jax.sampling.preconditioner.FORMS`), False: G = 1.
       noise: static; False gives (preconditioned) gradient ascent, eq. 1.
       metric: optional fixed diagonal metric G, broadcastable to (B, D); it
         replaces the adaptive preconditioner (``precondition`` is then ignored).
@@ -163,7 +164,7 @@ def update(rng_key: Array, state: LangevinState, drift: Array, hparams: Langevin
     return LangevinState(z, m, state.count + 1)
 
 
-def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, noise: bool = True,
+def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool | str = True, noise: bool = True,
                  metric: Array | None = None, *, with_param_grad: bool = False,
                  axis_name: str | None = None) -> Callable:
     """Returns the Langevin kernel for ``log_prob_fn``.
@@ -172,7 +173,8 @@ def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, n
       log_prob_fn: ``log_prob_fn(z, *args) -> (B,)``, differentiable in ``z``
         (B, D); with ``with_param_grad``, ``log_prob_fn(params, z, *args) -> (B,)``,
         differentiable in ``params`` (any pytree) and ``z``.
-      precondition: static; Adam-style diagonal metric (section 1.3) or G = 1.
+      precondition: static; Adam-style diagonal metric (section 1.3; True = ``adam_paper``, or
+        a form name, :mod:`lpc_jax.sampling.preconditioner`) or G = 1 (False).
       noise: static; set False for plain (preconditioned) gradient ascent.
       metric: optional fixed diagonal metric G (see :func:`update`).
       with_param_grad: static; the kernel also returns the gradient w.r.t. ``params``.
@@ -187,6 +189,7 @@ def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, n
       ``state.z``, from the same VJP as the drift.
     """
 
+    preconditioner.resolve(precondition)  # an unknown form fails here, not when traced
     def transition(rng_key, state, hparams, log_prob, drift, log_prob_at):
         del log_prob_at  # ULA needs the density only where the drift was taken
         new_state = update(rng_key, state, drift, hparams, precondition=precondition, noise=noise, metric=metric,
@@ -227,7 +230,7 @@ def sample_chain(rng_key: Array, kernel: Callable, state: LangevinState, hparams
 
 
 def diagonal_metric(state: LangevinState, drift: Array, hparams: LangevinHParams, *,
-                    precondition: bool = True, metric: Array | None = None) -> tuple[Array, Array]:
+                    precondition: bool | str = True, metric: Array | None = None) -> tuple[Array, Array]:
     """The diagonal metric G of one step, and the updated second-moment estimate.
 
     Shared by every sampler built on this module (:func:`update`,
@@ -238,7 +241,9 @@ def diagonal_metric(state: LangevinState, drift: Array, hparams: LangevinHParams
       state: any chain state with fields ``m`` (B, D) and ``count`` () int32.
       drift: (B, D) grad_z log p at ``state.z``.
       hparams: any hparams with fields ``decay`` and ``eps``.
-      precondition: static; the Adam-style metric of :mod:`lpc_jax.sampling.preconditioner`, else G = 1.
+      precondition: static; the Adam-style metric of :mod:`lpc_jax.sampling.preconditioner`
+        (True: ``adam_paper``, the published form; or a form name, ``adam`` / ``adam_paper``),
+        False: G = 1.
       metric: optional fixed G, broadcastable to (B, D); it wins over ``precondition``.
 
     Returns:
@@ -248,10 +253,10 @@ def diagonal_metric(state: LangevinState, drift: Array, hparams: LangevinHParams
     """
     if metric is not None:
         return state.m, jnp.broadcast_to(metric, drift.shape)
-    if precondition:
-        return preconditioner.update(state.m, drift, state.count, hparams.decay, hparams.eps)
+    form = preconditioner.resolve(precondition)
+    if form is not None:
+        return preconditioner.update(state.m, drift, state.count, hparams.decay, hparams.eps, form)
     return state.m, jnp.ones_like(drift)
-
 
 
 def kernel_from_transition(transition: Callable, log_prob_fn: Callable[..., Array], *,

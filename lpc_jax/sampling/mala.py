@@ -12,9 +12,20 @@ G is held fixed within the step, so the two proposal densities share it and
 their normalising constants cancel. With G fixed across steps (G = 1, or a
 ``metric`` passed in) the chain leaves p exactly invariant: unlike ULA it has
 no discretisation bias at any step size, only a lower acceptance rate. With the
-adaptive preconditioner, G_t is built from the drift at z_{t-1} (the EMA keeps
-updating when a proposal is rejected); the chain is then adaptive MCMC and
-exactly invariant only while G stays put.
+adaptive preconditioner, G_t is built from the drift at z_{t-1}; the chain is then
+adaptive MCMC and exactly invariant only while G stays put (its stationary bias on
+ground-truth targets: ``docs/results.md``).
+
+What the EMA is fed (``adapt_on_proposal``). Fed only the drift at z_{t-1}, a chain
+that rejects feeds the same drift again and again, so its metric converges to
+1 / |g(z)| at a point where that may be huge (near a mode, |g| ~ 0): the proposal's
+noise grows, it is rejected again, and the chain is stuck for good (issue 22: on a
+64-d standard normal at step 0.3, 99.6% of chains never accept). With
+``adapt_on_proposal=True`` (the default) the step's EMA input is the mean of the
+squared drifts at z_{t-1} and at the proposal z': G_t is still built from m_{t-1}
+and g(z_{t-1}) alone (so the proposal density is as above), but the state carries
+m_t = decay m_{t-1} + (1 - decay) (g(z_{t-1})^2 + g(z')^2) / 2. A proposal thrown far
+has a large drift, so a rejection now shrinks the next metric: negative feedback.
 
 API as :mod:`lpc_jax.sampling.langevin` (same state, hparams and chain loop)::
 
@@ -37,7 +48,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lpc_jax.sampling import langevin
+from lpc_jax.sampling import langevin, preconditioner
 
 Array = jax.Array
 
@@ -68,14 +79,19 @@ def log_proposal_density(to: Array, start: Array, drift: Array, metric: Array, s
     return -jnp.sum(r * r / (4.0 * step_size * metric), axis=-1)
 
 
-def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, metric: Array | None = None, *,
-                 with_param_grad: bool = False, axis_name: str | None = None) -> Callable:
+def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool | str = True, metric: Array | None = None, *,
+                 adapt_on_proposal: bool = True, with_param_grad: bool = False,
+                 axis_name: str | None = None) -> Callable:
     """Returns the MALA kernel for ``log_prob_fn``.
 
     Args:
       log_prob_fn: as in :func:`lpc_jax.sampling.langevin.build_kernel`.
-      precondition: static; Adam-style diagonal metric (held fixed within a step) or G = 1.
+      precondition: static; Adam-style diagonal metric (held fixed within a step; True =
+        ``adam_paper``, or a form of :mod:`lpc_jax.sampling.preconditioner`) or G = 1 (False).
       metric: optional fixed diagonal metric G, broadcastable to (B, D); wins over ``precondition``.
+      adapt_on_proposal: static; with an adaptive metric, feed the EMA the mean squared drift of
+        z_{t-1} and the proposal (see the module docstring); False feeds g(z_{t-1})^2 only, as the
+        ULA chain does (a MALA chain can then trap itself).
       with_param_grad: static; the kernel also returns the gradient w.r.t. ``params``
         at the pre-move ``state.z``, from the same VJP as the drift.
       axis_name: static; the batch's mesh axis under ``shard_map`` (:func:`lpc_jax.sampling.langevin.draw_rows`):
@@ -89,6 +105,8 @@ def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, m
       ``with_param_grad``, ``kernel(rng_key, state, hparams, params, *args) ->
       (state, MALAInfo, grad_params)``; ``state`` is a ``LangevinState``.
     """
+
+    adaptive = metric is None and preconditioner.resolve(precondition) is not None
 
     def transition(rng_key, state, hparams, log_prob, drift, log_prob_at):
         key_move, key_accept = jax.random.split(rng_key)
@@ -105,7 +123,9 @@ def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, m
         uniform = langevin.draw_rows(jax.random.uniform, key_accept, log_alpha.shape, log_alpha.dtype, axis_name)
         accept = uniform < acceptance_prob
         z = jnp.where(accept[:, None], moved.z, state.z)
+        if adaptive and adapt_on_proposal:
+            m = preconditioner.ema(state.m, 0.5 * (drift * drift + proposal_drift * proposal_drift), hparams.decay)
         info = MALAInfo(log_prob, jnp.linalg.norm(drift, axis=-1), acceptance_prob, accept)
-        return moved._replace(z=z), info
+        return moved._replace(z=z, m=m), info
 
     return langevin.kernel_from_transition(transition, log_prob_fn, with_param_grad=with_param_grad)

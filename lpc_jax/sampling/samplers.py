@@ -26,15 +26,18 @@ class Sampler(NamedTuple):
     kernel: Callable  # kernel(rng_key, state, LangevinHParams, [params,] *args) -> (state, info[, grad])
 
 
-def build(name: str, log_prob_fn: Callable[..., jax.Array], *, precondition: bool = True,
-          friction: float | jax.Array = 1.0, with_param_grad: bool = False,
+def build(name: str, log_prob_fn: Callable[..., jax.Array], *, precondition: bool | str = True,
+          metric: jax.Array | None = None, friction: float | jax.Array = 1.0, with_param_grad: bool = False,
           axis_name: str | None = None) -> Sampler:
     """The sampler ``name`` for ``log_prob_fn``, taking ``LangevinHParams``.
 
     Args:
       name: one of ``SAMPLERS``.
       log_prob_fn: as in :func:`lpc_jax.sampling.langevin.build_kernel`.
-      precondition: static; Adam-style diagonal metric, or G = 1.
+      precondition: static; Adam-style diagonal metric (True = ``adam_paper``, or a form of
+        :mod:`lpc_jax.sampling.preconditioner`), or G = 1 (False).
+      metric: optional fixed diagonal metric G, broadcastable to (B, D) (e.g. the encoder's
+        variance, or :func:`lpc_jax.sampling.warmup.estimate_metric`'s); wins over ``precondition``.
       friction: the underdamped sampler's friction, per unit time (ignored by the others).
       with_param_grad: static; the kernel also returns the params gradient (same VJP as the drift).
       axis_name: static; the batch's mesh axis when the kernel runs under ``shard_map``: its
@@ -43,17 +46,13 @@ def build(name: str, log_prob_fn: Callable[..., jax.Array], *, precondition: boo
     Raises:
       ValueError: ``name`` is not one of ``SAMPLERS``.
     """
+    common = dict(precondition=precondition, metric=metric, with_param_grad=with_param_grad, axis_name=axis_name)
     if name == "ula":
-        return Sampler(langevin.init, langevin.build_kernel(
-            log_prob_fn, precondition=precondition, with_param_grad=with_param_grad,
-            axis_name=axis_name))
+        return Sampler(langevin.init, langevin.build_kernel(log_prob_fn, **common))
     if name == "mala":
-        return Sampler(mala.init, mala.build_kernel(
-            log_prob_fn, precondition=precondition, with_param_grad=with_param_grad,
-            axis_name=axis_name))
+        return Sampler(mala.init, mala.build_kernel(log_prob_fn, **common))
     if name == "underdamped":
-        kernel = underdamped.build_kernel(log_prob_fn, precondition=precondition, with_param_grad=with_param_grad,
-                                          axis_name=axis_name)
+        kernel = underdamped.build_kernel(log_prob_fn, **common)
         return Sampler(underdamped.init, lambda rng_key, state, hparams, *args: kernel(
             rng_key, state, underdamped.from_langevin(hparams, friction), *args))
     raise ValueError(f"sampler={name!r} is invalid: choose one of {list(SAMPLERS)}")

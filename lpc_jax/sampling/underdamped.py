@@ -90,7 +90,7 @@ def init(z: Array, v: Array | None = None) -> UnderdampedState:
 
 
 def update(rng_key: Array, state: UnderdampedState, drift: Array, hparams: UnderdampedHParams, *,
-           precondition: bool = True, noise: bool = True, metric: Array | None = None,
+           precondition: bool | str = True, noise: bool = True, metric: Array | None = None,
            axis_name: str | None = None):
     """One B O B A step given the drift at ``state.z`` (see the module docstring).
 
@@ -116,7 +116,7 @@ def update(rng_key: Array, state: UnderdampedState, drift: Array, hparams: Under
     return UnderdampedState(state.z + hparams.step_size * v, v, m, state.count + 1), kinetic_energy
 
 
-def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, noise: bool = True,
+def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool | str = True, noise: bool = True,
                  metric: Array | None = None, *, with_param_grad: bool = False,
                  axis_name: str | None = None) -> Callable:
     """Returns the underdamped Langevin kernel for ``log_prob_fn``.
@@ -127,6 +127,7 @@ def build_kernel(log_prob_fn: Callable[..., Array], precondition: bool = True, n
     from the same VJP as the drift; ``axis_name`` as there.
     """
 
+    preconditioner.resolve(precondition)  # an unknown form fails here, not when traced
     def transition(rng_key, state, hparams, log_prob, drift, log_prob_at):
         del log_prob_at
         new_state, kinetic_energy = update(rng_key, state, drift, hparams, precondition=precondition,

@@ -50,4 +50,5 @@ def make_train_step(config: Config, model: Model, mesh: jax.sharding.Mesh | None
         steps.lpc_train_step, model=model, num_steps=config.num_steps, warm_start=config.warm_start,
         precondition=config.preconditioner, prior_scale=config.prior_scale,
         prior_init_batches=config.prior_init_batches, chain_dtype=config.chain_dtype,
-        theta_grad_every=config.theta_grad_every, sampler=config.sampler, friction=config.friction, mesh=mesh)
+        theta_grad_every=config.theta_grad_every, sampler=config.sampler, friction=config.friction,
+        metric=config.chain_metric, mesh=mesh)

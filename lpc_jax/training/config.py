@@ -14,8 +14,8 @@ import os
 from typing import Any, Callable, Sequence
 
 from lpc_jax.data import sources
-from lpc_jax.model import likelihoods, objectives
-from lpc_jax.sampling import samplers
+from lpc_jax.model import chain, likelihoods, objectives
+from lpc_jax.sampling import preconditioner, samplers
 
 ALGORITHMS = ("lpc", "vae")
 DATA_SOURCES = ("auto", "idx", "tfds")
@@ -125,6 +125,12 @@ class Config:
         need="must be >= 1 (1 takes the decoder gradient on every chain step, eq. 8)")
     prior_init_batches: int = _field(50, "Chains start from the prior for this many batches.",
                                      check=_at_least(0), need="must be >= 0")
+    # The chain's diagonal metric (issue 22; docs/results.md, "The preconditioner against ground truth").
+    chain_metric: str = _field(
+        "auto", "The chain's diagonal metric G: auto (adam_paper with --preconditioner, none without), "
+        "adam_paper (Algorithm 1's Adam-style metric as printed), adam (its EMA started at the prior's "
+        "moment 1: a bounded first step), encoder (the encoder's variance sigma_q^2(x), fixed per chain: "
+        "MALA exact, ULA only its discretisation bias), none (G = 1).", choices=chain.METRICS)
     # Optimisation.
     batch_size: int = _field(64, "Images per SGD step.", check=_at_least(1), need="must be >= 1")
     learning_rate: float = _field(1e-3, "Adam learning rate for theta and phi.", check=_finite_positive,
@@ -195,6 +201,9 @@ class Config:
                 raise ConfigError(f.name, value, f"choose one of {list(choices)}")
             if check is not None and not _passes(check, value):
                 raise ConfigError(f.name, value, f.metadata["need"])
+        if self.chain_metric in preconditioner.FORMS and not self.preconditioner:
+            raise ConfigError("chain_metric", self.chain_metric, "an Adam-style metric contradicts "
+                              "--nopreconditioner: drop one of the two")
         if self.num_train_steps == 0 and self.num_epochs == 0:
             raise ConfigError("num_epochs", self.num_epochs, "must be > 0 when num_train_steps is 0")
         if self.process_id >= self.num_processes:

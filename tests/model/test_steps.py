@@ -149,7 +149,18 @@ def test_subsampled_decoder_gradient_equals_python_loop(setup, paper_setup, thet
     chex.assert_trees_all_close(grads["encoder"], g_phi, rtol=2e-4, atol=1e-4)
 
 
-def test_chain_is_the_langevin_kernel(setup):
+# The step's ``metric`` choice -> the kernel's (precondition, metric) given the encoder's variance.
+CHAIN_METRICS = {
+    "auto": lambda variance: dict(precondition=True),  # precondition=True: the published form
+    "adam_paper": lambda variance: dict(precondition="adam_paper"),
+    "adam": lambda variance: dict(precondition="adam"),
+    "encoder": lambda variance: dict(precondition=False, metric=variance),
+    "none": lambda variance: dict(precondition=False),
+}
+
+
+@pytest.mark.parametrize("metric", list(CHAIN_METRICS))
+def test_chain_is_the_langevin_kernel(setup, metric):
     # The step's chain, rebuilt from the sampler's own kernel and sample_chain with the
     # step's keys, gives the same per-step log densities, drifts and samples.
     model, state, x = setup
@@ -157,13 +168,13 @@ def test_chain_is_the_langevin_kernel(setup):
     key = jax.random.key(5)
     _, metrics = jax.jit(functools.partial(
         steps.lpc_train_step, model=model, num_steps=T, warm_start="forward_kl", precondition=True,
-        prior_init_batches=0))(state, x, key, hp)
+        prior_init_batches=0, metric=metric))(state, x, key, hp)
 
     theta = state.params["decoder"]
     k_q, _, _, k_chain = jax.random.split(key, 4)
     mean, variance = model.encoder.apply({"params": state.params["encoder"]}, x)
     z0 = objectives.sample_gaussian(k_q, mean, variance)
-    kernel = langevin.build_kernel(lambda z: model.log_joint(theta, x, z), precondition=True)
+    kernel = langevin.build_kernel(lambda z: model.log_joint(theta, x, z), **CHAIN_METRICS[metric](variance))
     final, infos, zs = jax.jit(lambda z: langevin.sample_chain(
         k_chain, kernel, langevin.init(z), hp, T, return_trace=True))(z0)
     assert int(final.count) == T
@@ -177,6 +188,23 @@ def test_chain_is_the_langevin_kernel(setup):
         "forward_kl": cross_entropy,
     }
     chex.assert_trees_all_close({k: metrics[k] for k in expected}, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chain_metric_choices_differ_and_the_config_binds_them(setup):
+    # Each metric is its own chain (the test above would pass if the step ignored ``metric``
+    # only were all chains equal), and Config.chain_metric reaches the step.
+    model, state, x = setup
+    hp = langevin.hparams(0.05, decay=0.9, eps=1e-3)
+    ends = {}
+    for metric in ("auto", "adam", "encoder", "none"):
+        step = build.make_train_step(Config(chain_metric=metric, num_steps=T, prior_init_batches=0), model)
+        ends[metric] = float(jax.jit(step)(state, x, jax.random.key(5), hp)[1]["log_p_end"])
+    assert len(set(ends.values())) == 4, ends
+    with pytest.raises(ValueError, match="metric"):
+        steps.lpc_train_step(state, x, jax.random.key(5), hp, model=model, num_steps=T, metric="fisher")
+    with pytest.raises(ValueError, match="nopreconditioner"):
+        Config(chain_metric="adam", preconditioner=False).validate()
+    Config(chain_metric="encoder", preconditioner=False).validate()  # not an Adam-style metric: allowed
 
 
 @pytest.mark.parametrize("warm_start", ["forward_kl", "reverse_kl", "jeffreys"])

@@ -85,7 +85,10 @@ def test_mala_acceptance_probability_is_the_metropolis_hastings_ratio():
     assert 0 < int(info.is_accepted.sum()) < 64  # a per-chain decision, not one for the batch
     chosen = np.where(np.asarray(info.is_accepted)[:, None], zp, z)
     np.testing.assert_array_equal(new.z, chosen.astype(np.float32))
-    np.testing.assert_allclose(new.m, proposal.m)  # the EMA advances whether or not the move is kept
+    # The EMA advances whether or not the move is kept, fed the mean squared drift of z and z'.
+    np.testing.assert_allclose(new.m, 0.9 * 0.4 + 0.1 * (grad(z) ** 2 + grad(zp) ** 2) / 2, rtol=1e-5)
+    old = mala.build_kernel(gaussian_log_prob, precondition=True, adapt_on_proposal=False)(key, state, hp)[0]
+    np.testing.assert_allclose(old.m, proposal.m)  # fed g(z) only, as ULA
     assert int(new.count) == 4
 
 
