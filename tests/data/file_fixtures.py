@@ -54,6 +54,7 @@ def write_svhn(root: str, images: np.ndarray, labels: np.ndarray, *, num_train: 
     """``root/train_32x32.mat`` and ``root/test_32x32.mat``: X (32, 32, 3, N) uint8, y (N, 1) with 10 for 0."""
     import scipy.io
 
+    os.makedirs(root, exist_ok=True)
     rgb = rgb32(images)
     y = np.where(labels == 0, 10, labels).astype(np.uint8)[:, None]
     for split, rows in (("train", slice(0, num_train)), ("test", slice(num_train, None))):
