@@ -15,8 +15,8 @@ The model and its train steps: ``Decoder``, ``Encoder``, ``make_log_joint``,
 ``lpc_train_step``, ``vae_train_step``. Runs: ``Config``, ``build_model``,
 ``make_train_step``, ``train_and_evaluate``, ``run_sweep``, ``load_run``,
 ``evaluate``. Evaluation: ``EVALUATORS``, ``EvalOptions``, ``make_evaluators``,
-``test_elbo``, ``iwae_bound``, ``FDMonitor``. Data: ``load_dataset``, ``image_shape``,
-``to_float``.
+``test_elbo``, ``iwae_bound``, ``FDMonitor``. Data: ``load_dataset``, ``open_images``,
+``image_shape``, ``to_float``, ``device_to_float``, ``DatasetNotFoundError``.
 
 Names load lazily, on first use, so ``import lpc_jax`` itself imports no JAX.
 
@@ -61,6 +61,9 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "load_dataset": ("lpc_jax.data.sources", "load"),
     "image_shape": ("lpc_jax.data.sources", "image_shape"),
     "to_float": ("lpc_jax.data.sources", "to_float"),
+    "open_images": ("lpc_jax.data.sources", "open_images"),
+    "DatasetNotFoundError": ("lpc_jax.data.images", "DatasetNotFoundError"),
+    "device_to_float": ("lpc_jax.data.pipeline", "device_to_float"),
     # evaluation
     "EVALUATORS": ("lpc_jax.evaluation.evaluators", "EVALUATORS"),
     "EvalOptions": ("lpc_jax.evaluation.evaluators", "EvalOptions"),

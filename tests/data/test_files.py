@@ -283,3 +283,15 @@ def test_cache_is_built_once_and_rebuilt_when_the_source_changes(celeba_sets, tm
     np.testing.assert_array_equal(rebuilt, np.asarray(sources.open_images("celeba", "train", "files",
                                                                           data_dir=str(other))))
     assert not np.array_equal(rebuilt, first)
+
+
+def test_config_checks_the_file_fields():
+    from lpc_jax.training.config import Config, ConfigError
+
+    Config(dataset="folder", image_size=32, data_source="files", data_cache="auto").validate()
+    with pytest.raises(ConfigError, match=r"^image_size=48 is invalid: must be 32 or 64"):
+        Config(dataset="folder", image_size=48).validate()
+    with pytest.raises(ConfigError, match=r"^image_size=32 is invalid: applies to --dataset=folder only"):
+        Config(dataset="celeba", image_size=32).validate()
+    with pytest.raises(ConfigError, match=r"^data_source='web' is invalid"):
+        Config(data_source="web").validate()
