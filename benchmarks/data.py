@@ -1,8 +1,12 @@
 """Start-up time, peak memory and per-step cost of the training input pipeline.
 
-    python -m benchmarks.data                      # CelebA-shaped mock, 162,770 examples
-    python -m benchmarks.data --examples 20000     # quicker
-    python -m benchmarks.data --skip_before        # only the grain pipeline at full size
+    python -m benchmarks.data                                 # CelebA from files: benchmarks/data_files.py
+    python -m benchmarks.data --mode=tfds_mock                # CelebA-shaped TFDS mock, 162,770 examples
+    python -m benchmarks.data --mode=tfds_mock --examples 20000     # quicker
+    python -m benchmarks.data --mode=tfds_mock --skip_before        # only the grain pipeline at full size
+
+The default mode (``files``) is :mod:`benchmarks.data_files`. The ``tfds_mock``
+mode, described here, measures the TFDS path:
 
 Two measurements, "before" (the pre-grain code, kept verbatim below: the whole
 split read into one uint8 array, one ``source[i]`` at a time, then
@@ -42,6 +46,7 @@ import time
 
 import numpy as np
 
+from benchmarks import data_files
 from lpc_jax.data import pipeline, sources  # noqa: F401  (grain imported up front: both variants pay the same imports)
 
 
@@ -97,7 +102,7 @@ def startup(variant: str, examples: int, batch_size: int = 64, steps: int = 51) 
             it = _before_step_batches(images, batch_size, 0, 0, steps)
         else:
             images = sources.open_images("celeba", "train", "tfds")
-            it = pipeline.step_batches(images, batch_size, 0, 0, steps, num_threads=4)
+            it = pipeline.step_batches(images, batch_size, 0, 0, steps, num_threads=4, host_float=True)
         next(it)
         first = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -123,8 +128,8 @@ def step_overhead(steps: int = 1000, batch_size: int = 64, rounds: int = 5) -> d
     images = np.random.default_rng(0).integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8)
     makers = {
         "before": lambda n: _before_step_batches(images, batch_size, 0, 0, n),
-        "after_threads0": lambda n: pipeline.step_batches(images, batch_size, 0, 0, n, num_threads=0),
-        "after_threads4": lambda n: pipeline.step_batches(images, batch_size, 0, 0, n, num_threads=4),
+        "after_threads0": lambda n: pipeline.step_batches(images, batch_size, 0, 0, n, num_threads=0, host_float=True),
+        "after_threads4": lambda n: pipeline.step_batches(images, batch_size, 0, 0, n, num_threads=4, host_float=True),
     }
     w = jnp.ones((28 * 28, 2000), jnp.float32)
     consume = jax.jit(lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ w).sum())
@@ -153,8 +158,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--examples", type=int, default=162770, help="mock CelebA train examples")
     parser.add_argument("--skip_before", action="store_true", help="skip the slow pre-grain start-up")
     parser.add_argument("--skip_startup", action="store_true", help="only the per-step overhead")
-    parser.add_argument("--variant", choices=["before", "after"], help=argparse.SUPPRESS)  # subprocess
+    parser.add_argument("--mode", choices=["files", "tfds_mock", "files_variant"], default="files",
+                        help="files: CelebA from JPEG folder, zip and cache (data_files.py); tfds_mock: the TFDS path")
+    parser.add_argument("--images", type=int, default=20000, help="files: synthetic 178x218 JPEGs to write")
+    parser.add_argument("--batches", type=int, default=100, help="files: batches of 64 timed per variant")
+    parser.add_argument("--skip_steps", action="store_true", help="files: skip the LPC/VAE step rates")
+    parser.add_argument("--root", help=argparse.SUPPRESS)  # files_variant subprocess
+    parser.add_argument("--variant", choices=["before", "after", "folder", "zip", "cache_build", "cache"],
+                        help=argparse.SUPPRESS)  # subprocess
     args = parser.parse_args(argv)
+    if args.mode == "files":
+        return data_files.run(args.images, args.batches, args.skip_steps)
+    if args.mode == "files_variant":
+        out = data_files.read_variant(args.variant, args.root, args.batches)
+        print(json.dumps(out))
+        return out
     if args.variant:
         out = startup(args.variant, args.examples)
         print(json.dumps(out))
@@ -162,7 +180,7 @@ def main(argv=None) -> dict:
     result = {"examples": args.examples}
     variants = () if args.skip_startup else ("after",) if args.skip_before else ("after", "before")
     for variant in variants:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.data", "--variant", variant,
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.data", "--mode", "tfds_mock", "--variant", variant,
                                "--examples", str(args.examples)], capture_output=True, text=True,
                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
         if proc.returncode:

@@ -1,4 +1,7 @@
-"""CIFAR-10 with the paper's best LPC setting (step 0.1, decay 0.25)."""
+"""CIFAR-10 with the paper's best LPC setting (step 0.1, decay 0.25).
+
+    python -m experiments.cifar10 [--data_dir=DIR]   # DIR/cifar-10-batches-py/ (the python version) or TFDS cifar10
+"""
 
 from experiments import launch
 

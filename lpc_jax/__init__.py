@@ -17,7 +17,7 @@ denoise). Runs: ``Config``, ``build_model``, ``make_train_step``, ``train_and_ev
 ``run_sweep``, ``load_run``, ``evaluate``. Evaluation: ``EVALUATORS``, ``EvalOptions``, ``make_evaluators``,
 ``test_elbo``, ``iwae_bound``, ``ais`` / ``ais_log_likelihood`` (annealed
 importance sampling, reverse AIS for BDMC), ``FDMonitor``. Data: ``load_dataset``,
-``image_shape``, ``to_float``.
+``open_images``, ``image_shape``, ``to_float``, ``device_to_float``, ``DatasetNotFoundError``.
 
 Names load lazily, on first use, so ``import lpc_jax`` itself imports no JAX.
 
@@ -64,6 +64,9 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "load_dataset": ("lpc_jax.data.sources", "load"),
     "image_shape": ("lpc_jax.data.sources", "image_shape"),
     "to_float": ("lpc_jax.data.sources", "to_float"),
+    "open_images": ("lpc_jax.data.sources", "open_images"),
+    "DatasetNotFoundError": ("lpc_jax.data.images", "DatasetNotFoundError"),
+    "device_to_float": ("lpc_jax.data.pipeline", "device_to_float"),
     # evaluation
     "EVALUATORS": ("lpc_jax.evaluation.evaluators", "EVALUATORS"),
     "EvalOptions": ("lpc_jax.evaluation.evaluators", "EvalOptions"),

@@ -2,8 +2,10 @@
 
 Element ``s`` of :func:`step_dataset` is the batch SGD step ``s`` trains on:
 rows ``order[i * B : (i + 1) * B]`` of ``order = epoch_order(N, seed, e)``
-with ``(e, i) = divmod(s, N // B)`` (full batches only), converted by
-:func:`lpc_jax.sources.to_float`. These are exactly the batches of
+with ``(e, i) = divmod(s, N // B)`` (full batches only), as uint8: the batch
+crosses to the device at a quarter of float32's bytes and the jitted step converts
+it there (:func:`device_to_float`, bitwise :func:`lpc_jax.data.sources.to_float`;
+``host_float=True`` converts on the host instead). These are exactly the batches of
 :func:`batches`, so a run's batch sequence is a pure function of
 ``(seed, step)``: the checkpointed step number *is* the iterator's position,
 and grain's own iterator state is ``{"next_index": step}``.
@@ -26,6 +28,8 @@ import functools
 from typing import Any, Iterator
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lpc_jax.data import sources
@@ -57,8 +61,21 @@ def step_rows(num_examples: int, batch_size: int, seed: int, step: int, *,
     return _epoch_order(num_examples, seed, epoch)[index * batch_size : (index + 1) * batch_size][rows]
 
 
+def device_to_float(images: jax.Array) -> jax.Array:
+    """uint8 in [0, 255] -> float32 in [-1, 1] inside a jitted program: :func:`sources.to_float`, bitwise.
+
+    A lookup in the 256 values ``sources.to_float`` gives (a gather), so no backend's
+    fused multiply-add or reassociation can change a bit. Non-uint8 input (an already
+    converted float batch) is returned as it is.
+    """
+    if images.dtype != jnp.uint8:
+        return images
+    table = jnp.asarray(sources.to_float(np.arange(256, dtype=np.uint8)))
+    return jnp.take(table, images.astype(jnp.int32), axis=0)
+
+
 def step_dataset(images: Any, batch_size: int, seed: int, num_steps: int, *,
-                 shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
+                 shard_index: int = 0, shard_count: int = 1, host_float: bool = False) -> grain.MapDataset:
     """A ``grain.MapDataset`` of length ``num_steps`` whose element ``s`` is step ``s``'s batch.
 
     Args:
@@ -69,9 +86,12 @@ def step_dataset(images: Any, batch_size: int, seed: int, num_steps: int, *,
       num_steps: number of SGD steps (the dataset's length; epochs repeat).
       shard_index, shard_count: this process's share, rows
         :func:`shard_rows` of every global batch.
+      host_float: convert each batch to float32 in [-1, 1] on the host
+        (:func:`sources.to_float`) instead of leaving it uint8 for the device.
 
     Returns:
-      ``MapDataset`` of float32 ``(B / shard_count, H, W, C)`` arrays in [-1, 1].
+      ``MapDataset`` of uint8 ``(B / shard_count, H, W, C)`` arrays (float32 in
+      [-1, 1] with ``host_float``).
 
     Raises:
       ValueError: ``batch_size`` exceeds ``N``, a bad shard, or ``num_steps < 0``.
@@ -82,12 +102,13 @@ def step_dataset(images: Any, batch_size: int, seed: int, num_steps: int, *,
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     rows = functools.partial(step_rows, num_examples, batch_size, seed,
                              shard_index=shard_index, shard_count=shard_count)
-    return grain.MapDataset.range(num_steps).map(lambda step: sources.to_float(images[rows(step)]))
+    convert = sources.to_float if host_float else np.asarray
+    return grain.MapDataset.range(num_steps).map(lambda step: convert(images[rows(step)]))
 
 
 def step_iterator(images: Any, batch_size: int, seed: int, start_step: int, num_steps: int, *,
                   shard_index: int = 0, shard_count: int = 1, num_threads: int = DEFAULT_THREADS,
-                  prefetch: int | None = None) -> grain.DatasetIterator:
+                  prefetch: int | None = None, host_float: bool = False) -> grain.DatasetIterator:
     """A grain iterator over steps ``start_step .. num_steps - 1`` of :func:`step_dataset`.
 
     Its state, ``get_state() == {"next_index": s}``, is the next step ``s`` it
@@ -95,7 +116,7 @@ def step_iterator(images: Any, batch_size: int, seed: int, start_step: int, num_
     ``set_state``) yields exactly the continuation of one built at step 0.
 
     Args:
-      images, batch_size, seed, shard_index, shard_count: as :func:`step_dataset`.
+      images, batch_size, seed, shard_index, shard_count, host_float: as :func:`step_dataset`.
       start_step: first step yielded, ``0 <= start_step <= num_steps``.
       num_steps: one past the last step.
       num_threads: worker threads reading and decoding batches ahead (0 =
@@ -103,7 +124,7 @@ def step_iterator(images: Any, batch_size: int, seed: int, start_step: int, num_
       prefetch: batches buffered ahead; default ``2 * num_threads``.
 
     Returns:
-      ``grain.DatasetIterator`` of float32 ``(B / shard_count, H, W, C)`` batches;
+      ``grain.DatasetIterator`` of uint8 (or ``host_float``: float32) ``(B / shard_count, H, W, C)`` batches;
       call ``close()`` to stop its threads early.
 
     Raises:
@@ -114,7 +135,8 @@ def step_iterator(images: Any, batch_size: int, seed: int, start_step: int, num_
         raise ValueError(f"num_threads ({num_threads}) and prefetch ({prefetch}) must be >= 0")
     if not 0 <= start_step <= max(num_steps, 0):
         raise ValueError(f"start_step {start_step} is outside [0, num_steps={num_steps}]")
-    dataset = step_dataset(images, batch_size, seed, num_steps, shard_index=shard_index, shard_count=shard_count)
+    dataset = step_dataset(images, batch_size, seed, num_steps, shard_index=shard_index, shard_count=shard_count,
+                           host_float=host_float)
     prefetch = 2 * num_threads if prefetch is None else prefetch
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     iterator = iter(dataset.to_iter_dataset(options))
@@ -158,7 +180,7 @@ def shard_rows(batch_size: int, shard_index: int = 0, shard_count: int = 1) -> s
 
 def step_batches(images: np.ndarray, batch_size: int, seed: int, start_step: int,
                  num_steps: int, *, shard_index: int = 0, shard_count: int = 1,
-                 num_threads: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                 num_threads: int | None = None, host_float: bool = False) -> Iterator[tuple[int, np.ndarray]]:
     """Yields ``(step, batch)`` for SGD steps ``start_step .. num_steps - 1``.
 
     Step ``s`` gets batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``
@@ -172,9 +194,11 @@ def step_batches(images: np.ndarray, batch_size: int, seed: int, start_step: int
       seed, start_step, num_steps: as above.
       shard_index, shard_count: this process's place among ``shard_count``
         processes; it gets rows :func:`shard_rows` of each global batch, so each
-        batch is ``(B / shard_count, H, W, C)`` float32 in [-1, 1].
+        batch is ``(B / shard_count, H, W, C)`` uint8, converted by the jitted
+        step (:func:`device_to_float`).
       num_threads: worker threads reading ahead (0 = none); default
         ``DEFAULT_THREADS``.
+      host_float: yield float32 in [-1, 1] converted on the host instead.
 
     Raises:
       ValueError: ``batch_size`` exceeds ``N``, or a bad shard (see :func:`shard_rows`);
@@ -182,7 +206,8 @@ def step_batches(images: np.ndarray, batch_size: int, seed: int, start_step: int
     """
     iterator = step_iterator(images, batch_size, seed, start_step, max(num_steps, start_step),
                                       shard_index=shard_index, shard_count=shard_count,
-                                      num_threads=DEFAULT_THREADS if num_threads is None else num_threads)
+                                      num_threads=DEFAULT_THREADS if num_threads is None else num_threads,
+                                      host_float=host_float)
     try:
         yield from zip(range(start_step, num_steps), iterator)
     finally:

@@ -1,17 +1,24 @@
-"""Input pipeline: offline Fashion-MNIST IDX files and prepared TFDS datasets.
+"""The datasets and where each is read from: Debian's IDX files, prepared TFDS data, or the files users have.
 
-Two sources, one output format: ``uint8`` images of shape ``(N, H, W, C)``,
-batched by :func:`batches` / :func:`step_batches` into ``float32`` arrays in
-[-1, 1] (the scaling the discretised Gaussian likelihood expects, SPEC section 2).
-Training reads through :func:`open_images`: IDX files are held in memory, a TFDS
-split stays on disk (:class:`TfdsImages`) and :func:`step_batches` (grain,
-:mod:`lpc_jax.data.pipeline`) decodes each batch ahead of its step in worker threads.
+One output format: ``uint8`` images of shape ``(N, H, W, C)``, converted to
+``float32`` in [-1, 1] (:func:`to_float`, the scaling the discretised Gaussian
+likelihood expects, SPEC section 2) on the device by the train step. Training
+reads through :func:`open_images`: small datasets are held in memory, big ones
+(CelebA, a folder of images, a TFDS split) stay on disk and
+:func:`lpc_jax.data.pipeline.step_batches` (grain) decodes each batch ahead of
+its step in worker threads; ``cache=DIR`` decodes a lazy split once into a
+memory-mapped ``.npy`` (:mod:`lpc_jax.data.cache`).
 
 * ``idx``: the four ``*-ubyte.gz`` files that Debian's ``dataset-fashion-mnist``
   package installs in ``/usr/share/datasets/fashion-mnist/``. Nothing downloads.
 * ``tfds``: ``tfds.data_source`` over data already prepared in ``data_dir``
-  (no TensorFlow needed to read it). CelebA, CIFAR-10 and SVHN must be prepared
-  on a connected machine first; :class:`DatasetNotFoundError` says how.
+  (no TensorFlow needed to read it, but it is needed to prepare it).
+* ``files``: the files torchvision and Kaggle users have (CIFAR-10 python
+  batches, SVHN ``.mat``, CelebA JPEGs in a folder or zip;
+  :mod:`lpc_jax.data.discover` says where it looks), and ``folder``, any folder
+  of JPEG/PNG images (:mod:`lpc_jax.data.folder`).
+* ``auto``: Fashion-MNIST from IDX, MNIST from TFDS; CIFAR-10, SVHN and CelebA
+  from the first search root holding a TFDS-prepared copy or the files.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lpc_jax.data import cache as data_cache
+from lpc_jax.data import discover, folder
+from lpc_jax.data.images import Dataset, DatasetNotFoundError, LazyImages, celeba_crop
+
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
 
 # name -> (tfds name, image shape after preprocessing)
@@ -32,7 +43,10 @@ DATASETS = {
     "cifar10": ("cifar10", (32, 32, 3)),
     "svhn": ("svhn_cropped", (32, 32, 3)),
     "celeba": ("celeb_a", (64, 64, 3)),
+    "folder": (None, (64, 64, 3)),  # any folder of JPEG/PNG; (S, S, 3) for image_size S
 }
+SOURCES = ("auto", "idx", "tfds", "files")
+FOLDER_SIZES = (32, 64)  # the square sizes of Table 2's networks
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -40,20 +54,28 @@ _IDX_FILES = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's files are missing or unreadable; the message says how to fix it."""
+__all__ = ["DATASETS", "Dataset", "DatasetNotFoundError", "LazyImages", "image_shape", "load", "open_images",
+           "to_float"]
 
 
-class Dataset(NamedTuple):
-    images: np.ndarray  # (N, H, W, C) uint8
-    labels: np.ndarray  # (N,) int64; -1 where the dataset has no labels
+def image_shape(name: str, image_size: int | None = None) -> tuple[int, int, int]:
+    """``(H, W, C)`` of dataset ``name``; ``(S, S, 3)`` for ``folder`` with ``image_size`` S (default 64).
 
-
-def image_shape(name: str) -> tuple[int, int, int]:
-    """Returns ``(H, W, C)`` of dataset ``name``; raises ValueError if unknown."""
+    Raises:
+      ValueError: unknown dataset, or an ``image_size`` for another dataset than
+        ``folder`` that is not its own size, or a folder size Table 2 lacks.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name][1]
+    shape = DATASETS[name][1]
+    if name == "folder" and image_size:
+        if image_size not in FOLDER_SIZES:
+            raise ValueError(f"image_size={image_size} is invalid: the networks (Table 2) take {FOLDER_SIZES}")
+        return (image_size, image_size, 3)
+    if image_size and image_size != shape[0]:
+        raise ValueError(f"image_size={image_size} is invalid: {name} is {shape[0]}x{shape[1]}; image_size "
+                         f"applies to --dataset=folder")
+    return shape
 
 
 def _read_idx(path: str, expected_ndim: int) -> np.ndarray:
@@ -124,14 +146,7 @@ def load_idx(split: str, data_dir: str | None = None) -> Dataset:
 
 def _preprocess_tfds(name: str, image: np.ndarray) -> np.ndarray:
     """Center-crops CelebA (218x178) to 140x140 and resizes to 64x64; others as is."""
-    if name != "celeba":
-        return image
-    h, w = image.shape[:2]
-    top, left = (h - 140) // 2, (w - 140) // 2
-    crop = image[top : top + 140, left : left + 140]
-    from PIL import Image  # Pillow comes with matplotlib
-
-    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((64, 64), Image.BOX))
+    return celeba_crop(image) if name == "celeba" else image
 
 
 class TfdsImages:
@@ -265,40 +280,105 @@ def load_tfds(name: str, split: str, data_dir: str | None = None, max_examples: 
     return Dataset(*images._read(everything))
 
 
-def open_images(name: str, split: str, source: str = "auto", data_dir: str | None = None,
-                max_examples: int | None = None) -> np.ndarray | TfdsImages:
-    """The images of ``name``/``split`` for the training pipeline, read as late as possible.
+class _Resolved(NamedTuple):
+    source: str  # "idx", "tfds" or "files"
+    data_dir: str | None  # where to read: IDX folder, TFDS data_dir, or the files' root
+    where: Any = None  # "files": what the reader's find returned
 
-    IDX files (small) are read into an ``(N, H, W, C)`` uint8 array; a TFDS
-    dataset is opened lazily as :class:`TfdsImages`. Arguments and errors as :func:`load`.
-    """
+
+def _resolve(name: str, source: str, data_dir: str | None) -> _Resolved:
+    """Which reader serves ``name`` from ``source``, and where (searching for ``auto`` / ``files``)."""
     image_shape(name)
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; choose one of {list(SOURCES)}")
+    if name == "folder":
+        if source not in ("auto", "files"):
+            raise ValueError(f"--dataset=folder reads image files: use --data_source=files (or auto), not {source!r}")
+        if not data_dir:
+            raise DatasetNotFoundError("--dataset=folder needs --data_dir=DIR, a folder of .jpg/.jpeg/.png images "
+                                       "(searched recursively; 10% held out for test by a hash of the name).")
+        return _Resolved("files", data_dir)
     if source == "auto":
-        source = "idx" if name == "fashion_mnist" else "tfds"
-    if source == "tfds":
-        return open_tfds(name, split, data_dir, max_examples)
-    return load(name, split, source, data_dir, max_examples).images
-
-
-def load(name: str, split: str, source: str = "auto", data_dir: str | None = None,
-         max_examples: int | None = None) -> Dataset:
-    """Loads ``name``/``split`` from ``source`` (``idx``, ``tfds`` or ``auto``).
-
-    ``auto`` reads Fashion-MNIST from the IDX files and everything else from TFDS.
-    """
-    image_shape(name)
-    if source == "auto":
-        source = "idx" if name == "fashion_mnist" else "tfds"
+        if name == "fashion_mnist":
+            return _Resolved("idx", data_dir)
+        if name not in discover.FILE_DATASETS:
+            return _Resolved("tfds", data_dir)
     if source == "idx":
         if name not in ("fashion_mnist", "mnist"):
             raise ValueError(f"source 'idx' only serves fashion_mnist and mnist, not {name!r}")
-        ds = load_idx(split, data_dir)
-        if max_examples is not None:
-            ds = Dataset(ds.images[:max_examples], ds.labels[:max_examples])
-        return ds
+        return _Resolved("idx", data_dir)
     if source == "tfds":
-        return load_tfds(name, split, data_dir, max_examples)
-    raise ValueError(f"unknown data source {source!r}; choose 'auto', 'idx' or 'tfds'")
+        return _Resolved("tfds", data_dir)
+    found = discover.locate(name, DATASETS[name][0], data_dir, allow_tfds=source == "auto")
+    return _Resolved(found.kind, found.root, found.where)
+
+
+def _open(name: str, split: str, resolved: _Resolved, max_examples: int | None,
+          image_size: int | None) -> tuple[Any, np.ndarray | None]:
+    """``(images, labels or None)``: lazy for TFDS, CelebA files and folders, in memory otherwise."""
+    if resolved.source == "tfds":
+        return open_tfds(name, split, resolved.data_dir, max_examples), None
+    if resolved.source == "idx":
+        ds = load_idx(split, resolved.data_dir)
+        return ds.images[:max_examples], ds.labels[:max_examples]
+    if name == "folder":
+        return folder.open_split(resolved.data_dir, split, image_shape(name, image_size)[0], max_examples), None
+    return discover.read_files(name, resolved.where, split, max_examples)
+
+
+def open_images(name: str, split: str, source: str = "auto", data_dir: str | None = None,
+                max_examples: int | None = None, *, image_size: int | None = None, cache: str | None = None,
+                num_threads: int = 4) -> np.ndarray | LazyImages:
+    """The images of ``name``/``split`` for the training pipeline, read as late as possible.
+
+    Small datasets (IDX, CIFAR-10, SVHN) are read into an ``(N, H, W, C)`` uint8
+    array; TFDS splits, CelebA files and image folders open lazily
+    (:class:`LazyImages`, :class:`TfdsImages`). Arguments and errors as :func:`load`, and:
+
+    Args:
+      cache: decode a lazy split once into a memory-mapped ``.npy``
+        (:func:`lpc_jax.data.cache.cached`) in this folder, or ``"auto"`` for
+        ``<data root>/lpc_jax_cache``; None or ``""``: no cache. In-memory splits ignore it.
+      num_threads: decoding threads while the cache is built.
+    """
+    resolved = _resolve(name, source, data_dir)
+    images, _ = _open(name, split, resolved, max_examples, image_size)
+    if not cache or not isinstance(images, LazyImages):
+        return images
+    directory = os.path.join(resolved.data_dir or ".", "lpc_jax_cache") if cache == "auto" else cache
+    stem = os.path.join(directory, f"{name}-{split}-" + "x".join(str(d) for d in images.shape))
+    return data_cache.cached(images, stem, num_threads=num_threads)
+
+
+def load(name: str, split: str, source: str = "auto", data_dir: str | None = None,
+         max_examples: int | None = None, *, image_size: int | None = None) -> Dataset:
+    """Loads ``name``/``split`` into memory from ``source`` (``auto``, ``idx``, ``tfds`` or ``files``).
+
+    Args:
+      name: one of ``DATASETS``.
+      split: ``"train"`` or ``"test"`` (CelebA also ``"validation"``).
+      source: where to read (the module docstring); ``auto`` and ``files`` search
+        the roots of :func:`lpc_jax.data.discover.search_roots`.
+      data_dir: the IDX folder, the TFDS data_dir, or the first root to search
+        (the image folder itself for ``folder``).
+      max_examples: at most the first this many examples.
+      image_size: ``folder`` only: the side S of the (S, S, 3) images (32 or 64).
+
+    Returns:
+      ``Dataset``: images ``(N, *image_shape(name, image_size))`` uint8, labels
+      (N,) int64 (-1 where the dataset has none: CelebA, folders).
+
+    Raises:
+      DatasetNotFoundError: the data is not there or not valid; the message lists
+        what was searched and what is accepted.
+      ValueError: unknown dataset, split or source, or a source that does not serve ``name``.
+    """
+    resolved = _resolve(name, source, data_dir)
+    images, labels = _open(name, split, resolved, max_examples, image_size)
+    if isinstance(images, TfdsImages):
+        return Dataset(*images._read(np.arange(len(images))))
+    images = np.asarray(images)
+    return Dataset(images, np.full((len(images),), -1, np.int64) if labels is None else labels)
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

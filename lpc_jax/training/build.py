@@ -11,7 +11,7 @@ from typing import Callable
 import jax
 import optax
 
-from lpc_jax.data import sources
+from lpc_jax.data import pipeline, sources
 from lpc_jax.model import networks, steps
 from lpc_jax.model.state import Model
 from lpc_jax.training.config import Config
@@ -19,7 +19,7 @@ from lpc_jax.training.config import Config
 
 def build_model(config: Config) -> Model:
     """The networks of ``config.dataset``'s image shape (Table 2), the log joint and Adam."""
-    shape = sources.image_shape(config.dataset)
+    shape = sources.image_shape(config.dataset, config.image_size or None)
     decoder = networks.Decoder(shape, obs_scale=config.obs_scale or None, init_obs_scale=config.init_obs_scale)
     encoder = networks.Encoder(shape, latent_dim=config.latent_dim)
     log_joint = networks.make_log_joint(decoder, config.likelihood, config.prior_scale)
@@ -38,12 +38,39 @@ def learning_rate(config: Config) -> float | optax.Schedule:
     return optax.linear_schedule(config.learning_rate, 0.0, transition_steps=n, transition_begin=total - n)
 
 
+def open_images(config: Config, split: str, max_examples: int | None = None):
+    """The ``split`` images of ``config.dataset`` as the run reads them (:func:`sources.open_images`
+    with the run's source, data_dir, image_size and data_cache): uint8 ``(N, H, W, C)``,
+    in memory or lazy."""
+    return sources.open_images(config.dataset, split, config.data_source, config.data_dir, max_examples,
+                               image_size=config.image_size or None, cache=config.data_cache or None,
+                               num_threads=max(config.data_threads, 1))
+
+
 def make_train_step(config: Config, model: Model, mesh: jax.sharding.Mesh | None = None) -> Callable:
     """Binds the static arguments of the step that ``config.algorithm`` selects.
+
+    The step takes the batch ``x`` as the pipeline yields it, uint8 ``(B, H, W, C)``,
+    and converts it to float32 in [-1, 1] on the device (:func:`pipeline.device_to_float`,
+    bitwise ``sources.to_float``); a float32 batch is used as it is.
 
     ``mesh``: the data-parallel mesh of a single run (``lpc_train_step``'s; the VAE step
     has no chain and leaves its partitioning to XLA).
     """
+    return _float_batch(_bind_step(config, model, mesh))
+
+
+def _float_batch(step: Callable) -> Callable:
+    """``step`` taking a uint8 batch, converted on the device (inside the caller's jit)."""
+
+    @functools.wraps(step)
+    def wrapped(state, x, rng_key, hparams=None):
+        return step(state, pipeline.device_to_float(jax.numpy.asarray(x)), rng_key, hparams)
+
+    return wrapped
+
+
+def _bind_step(config: Config, model: Model, mesh: jax.sharding.Mesh | None) -> Callable:
     if config.algorithm == "vae":
         return functools.partial(steps.vae_train_step, model=model)
     return functools.partial(

@@ -18,7 +18,7 @@ from lpc_jax.model import chain, likelihoods, objectives
 from lpc_jax.sampling import preconditioner, samplers
 
 ALGORITHMS = ("lpc", "vae")
-DATA_SOURCES = ("auto", "idx", "tfds")
+DATA_SOURCES = sources.SOURCES  # ("auto", "idx", "tfds", "files")
 
 
 class ConfigError(ValueError):
@@ -86,11 +86,22 @@ class Config:
     # Data.
     dataset: str = _field("fashion_mnist", "Dataset to train on.", choices=sorted(sources.DATASETS))
     data_source: str = _field(
-        "auto", "auto: Fashion-MNIST from Debian's IDX files, the rest from prepared TFDS data.",
-        choices=DATA_SOURCES)
+        "auto", "auto: Fashion-MNIST from Debian's IDX files; CIFAR-10, SVHN and CelebA from the first root "
+        "holding TFDS-prepared data or their files; tfds: prepared TFDS data only; files: the torchvision/Kaggle "
+        "files only (cifar-10-batches-py, *_32x32.mat, img_align_celeba[.zip] + list_eval_partition); idx: "
+        "IDX files.", choices=DATA_SOURCES)
     data_dir: str | None = _field(
-        None, "IDX directory (idx) or TFDS data_dir (tfds). "
-        "Default: /usr/share/datasets/fashion-mnist, or TFDS's own.")
+        None, "IDX directory (idx), TFDS data_dir (tfds), the first root searched for the files (auto, files; "
+        "then $LPC_JAX_DATA_DIR, $TFDS_DATA_DIR, ~/tensorflow_datasets, ./data, ~/data), or the image "
+        "folder (--dataset=folder).")
+    # Data from files (lpc_jax/data: discover, celeba, folder, cache).
+    image_size: int = _field(0, "--dataset=folder: side S of the S x S images (32 or 64; 0 = 64). "
+                             "Other datasets have their own size.", check=lambda v: v in (0, 32, 64),
+                             need="must be 32 or 64 (Table 2's networks), or 0 for the default 64")
+    data_cache: str = _field(
+        "", "Decode CelebA/folder images once into a memory-mapped uint8 .npy in this folder ('auto': "
+        "<data root>/lpc_jax_cache), reused while its source is unchanged; '' = decode every batch.",
+        check=lambda v: isinstance(v, str), need="must be a folder, 'auto' or ''")
     max_train_examples: int = _field(0, "Use only the first N training images (0 = all).", check=_at_least(0),
                                      need="must be >= 0 (0 means all)")
     data_threads: int = _field(4, "Threads reading and decoding training batches ahead of the step "
@@ -212,6 +223,9 @@ class Config:
         if self.num_processes > 1 and not self.coordinator_address:
             raise ConfigError("coordinator_address", self.coordinator_address,
                               f"num_processes={self.num_processes} needs process 0's host:port (or 'auto')")
+        if self.image_size and self.dataset != "folder":
+            raise ConfigError("image_size", self.image_size,
+                              f"applies to --dataset=folder only ({self.dataset} has its own size); leave it 0")
         if self.lr_warmdown > 0 and self.num_train_steps == 0:
             raise ConfigError("lr_warmdown", self.lr_warmdown,
                               "needs a fixed --num_train_steps (> 0) to place the decay at the end of the run")

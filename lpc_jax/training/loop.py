@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lpc_jax.data import pipeline, sources
+from lpc_jax.data import pipeline
 from lpc_jax.model.state import Model, TrainState, create_train_state
 from lpc_jax.runtime import checkpoints, distributed, logs, periodic, workdir_lock
 from lpc_jax.sampling import langevin
@@ -104,12 +104,10 @@ def setup(config: Config, workdir: str, *, model: Model | None = None,
       sources.DatasetNotFoundError: the dataset is not available offline.
     """
     config.validate()
-    if train_images is None:  # TFDS splits open lazily (sources.TfdsImages): rows are decoded when batched
-        train_images = sources.open_images(config.dataset, "train", config.data_source, config.data_dir,
-                                        config.max_train_examples or None)
+    if train_images is None:  # big splits open lazily (sources.LazyImages): rows are decoded when batched
+        train_images = build.open_images(config, "train", config.max_train_examples or None)
     if test_images is None:
-        test_images = sources.open_images(config.dataset, "test", config.data_source, config.data_dir,
-                                       config.eval_examples or None)
+        test_images = build.open_images(config, "test", config.eval_examples or None)
     num_total = total_train_steps(config, train_images.shape[0])
     os.makedirs(workdir, exist_ok=True)
     return Run(config, model or build.build_model(config), train_images, test_images, num_total, workdir)

@@ -32,11 +32,16 @@ def test_batches_are_bitwise_the_pre_grain_batches(num_threads, seed, batch_size
     images = _indexed_images(43)  # partial last batch dropped every epoch
     num_steps = start + 20  # crosses several epochs
     want = list(_reference_step_batches(images, batch_size, seed, start, num_steps))
-    got = list(pipeline.step_batches(images, batch_size, seed, start, num_steps, num_threads=num_threads))
+    got = list(pipeline.step_batches(images, batch_size, seed, start, num_steps, num_threads=num_threads,
+                                     host_float=True))
     assert [s for s, _ in got] == [s for s, _ in want] == list(range(start, num_steps))
     for (_, g), (_, w) in zip(got, want):
         assert g.dtype == np.float32 and g.shape == (batch_size, 4, 4, 1)
         assert g.tobytes() == w.tobytes()
+    # The default: the same rows as uint8, which the step converts on the device to the same bits.
+    raw = list(pipeline.step_batches(images, batch_size, seed, start, num_steps, num_threads=num_threads))
+    for (_, r), (_, w) in zip(raw, want):
+        assert r.dtype == np.uint8 and sources.to_float(r).tobytes() == w.tobytes()
 
 
 def test_iterator_started_at_s_is_the_continuation_of_one_started_at_0():
@@ -60,7 +65,7 @@ def test_grain_state_round_trips_mid_run():
     fresh = pipeline.step_iterator(images, 6, 5, 0, 20, num_threads=1)
     fresh.set_state(state)
     assert [b.tobytes() for b in fresh] == tail
-    np.testing.assert_array_equal(head[0], sources.to_float(images[pipeline.epoch_order(30, 5, 0)[:6]]))
+    np.testing.assert_array_equal(head[0], images[pipeline.epoch_order(30, 5, 0)[:6]])
 
 
 class _CountingImages:
