@@ -23,7 +23,7 @@ from absl import app, flags
 
 from experiments import launch
 from lpc_jax.evaluation import evaluators
-from lpc_jax.runtime import workdir_lock
+from lpc_jax.runtime import logs, workdir_lock
 from lpc_jax.training import restore
 from lpc_jax.training.evaluate import evaluate
 
@@ -82,9 +82,10 @@ def _evaluate() -> None:
     result.update({"workdir": os.path.abspath(workdir), "seed": FLAGS.seed,
                    "total_wall_s": time.time() - t0})
     out_path = os.path.join(workdir, FLAGS.output)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=2, allow_nan=True)
-        f.write("\n")
+    try:  # complete or absent, also on a full disk
+        logs.write_atomic(out_path, json.dumps(result, indent=2, allow_nan=True) + "\n")
+    except logs.LogWriteError as e:
+        launch.exit_with_error(e)
 
     skip = {"feature_extractors", "notes", "timings_s", "workdir", "samples_png"}
     for key, value in result.items():

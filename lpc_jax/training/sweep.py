@@ -311,13 +311,13 @@ def _member_results(trainer: loop.Trainer, members: list[dict], monitor) -> list
 def _write_results(workdir: str, summary: dict) -> None:
     """``sweep_<metric>.png``, ``sweep_results.json`` and ``sweep_results.md``."""
     metric = summary["metric"]
-    summary["plot_png"] = plotting.plot_sweep(
-        summary["members"], metric, os.path.join(workdir, f"sweep_{metric}.png"),
-        title=f"{summary['config']['dataset']}: {metric} after {summary['steps']} steps, T={summary['num_steps_T']}")
-    with open(os.path.join(workdir, "sweep_results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, "sweep_results.md"), "w") as f:
-        f.write(results_markdown(summary))
+    path = os.path.join(workdir, f"sweep_{metric}.png")
+    with logs.atomic_path(path) as tmp:  # every file complete or absent, also on a full disk
+        plotting.plot_sweep(summary["members"], metric, tmp, title=f"{summary['config']['dataset']}: {metric} after "
+                            f"{summary['steps']} steps, T={summary['num_steps_T']}")
+    summary["plot_png"] = path
+    logs.write_json(os.path.join(workdir, "sweep_results.json"), summary, indent=2)
+    logs.write_atomic(os.path.join(workdir, "sweep_results.md"), results_markdown(summary))
 
 
 @workdir_lock.locked("sweep")

@@ -15,11 +15,16 @@ What a run leaves in ``workdir``:
 * ``summary.json``: test-set ELBO (nats and bits/dim), timings and, with
   ``eval_samples > 0``, fd/KID/density/coverage of that many prior samples in the
   shipped classifier's feature space, at the end.
+* ``tensorboard/``: the same training scalars (and steps/s), the FD monitor's
+  metrics and prior-sample grid at each FD step, and the summary's numbers as
+  ``test/...`` at the end: ``tensorboard --logdir runs/``.
+
+Every file is written whole or not at all (a temporary renamed into place); a
+full disk gives one ``LogWriteError`` naming the file, and a rerun resumes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
@@ -30,7 +35,7 @@ from lpc_jax import plotting
 from lpc_jax.evaluation import bounds, evaluators, features, monitor
 from lpc_jax.model import networks
 from lpc_jax.model.state import Model
-from lpc_jax.runtime import distributed, logs, workdir_lock
+from lpc_jax.runtime import distributed, logs, workdir_lock, writers
 from lpc_jax.sampling import langevin
 from lpc_jax.training import build, loop
 from lpc_jax.training.config import Config, ConfigError, check_resumable, load_config
@@ -46,8 +51,9 @@ def _write_samples(run: loop.Run, params, rng_key: jax.Array, step: int) -> str:
     params = distributed.local_copy(params)
     images = networks.sample_prior(run.model.decoder, params["decoder"], rng_key, 64, latent_dim=c.latent_dim,
                                  prior_scale=c.prior_scale, likelihood=run.model.likelihood)
-    return plotting.save_image_grid(images, path, ncols=8,
-                                    title=f"{c.algorithm} {c.dataset}: z ~ prior, step {step}")
+    with logs.atomic_path(path) as tmp:  # complete or absent, also on a full disk
+        plotting.save_image_grid(images, tmp, ncols=8, title=f"{c.algorithm} {c.dataset}: z ~ prior, step {step}")
+    return path
 
 
 def sample_metrics(run: loop.Run, params, rng_key: jax.Array) -> dict:
@@ -138,9 +144,11 @@ def train_and_evaluate(config: Config, workdir: str,
     if config.eval_samples:
         summary.update(sample_metrics(run, params, jax.random.fold_in(keys.sample, 1)))
     if distributed.is_primary():
-        plotting.plot_curves(logs.read_metrics(os.path.join(workdir, "metrics.jsonl")),
-                             os.path.join(workdir, "curves.png"))
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        with logs.atomic_path(os.path.join(workdir, "curves.png")) as tmp:
+            plotting.plot_curves(logs.read_metrics(os.path.join(workdir, "metrics.jsonl")), tmp)
+        tensorboard = writers.TensorBoardWriter(os.path.join(workdir, "tensorboard"))
+        tensorboard.write_scalars(trainer.step, {f"test/{k}": v for k, v in summary.items()})
+        tensorboard.close()
+        logs.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
     logging.info("done: %s", summary)
     return summary
