@@ -40,9 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lpc_jax import plotting
 from lpc_jax.data import pipeline, sources
-from lpc_jax.model import networks
 from lpc_jax.model.state import Model, TrainState, create_train_state
 from lpc_jax.runtime import (
     checkpoints,
@@ -238,6 +236,8 @@ class Trainer:
       fd_monitor: optional ``evaluation.FDMonitor``, run every ``config.fd_every`` steps.
       on_log: optional ``(step, rows)`` callback at each logged step.
       on_checkpoint: optional ``(step)`` callback after each periodic checkpoint.
+      fd_images: optional ``(params, sample_key) -> (H, W, C)`` image in [0, 1], logged to
+        TensorBoard as ``prior_samples`` at each FD monitor step.
 
     One unstacked group is a :class:`SingleRun`, anything else a :class:`Sweep`.
     The host never waits for a step before dispatching the next: each step's
@@ -252,7 +252,7 @@ class Trainer:
     def __init__(self, run: Run, groups: Sequence[Group], states: Sequence[Any], members: Sequence[Member], *,
                  log_file: str, config_file: tuple[str, str], fd_monitor=None,
                  on_log: Callable[[int, list[dict]], None] | None = None,
-                 on_checkpoint: Callable[[int], None] | None = None):
+                 on_checkpoint: Callable[[int], None] | None = None, fd_images: Callable | None = None):
         self.run, self.groups, self.members = run, tuple(groups), tuple(members)
         self.states = [s if g.placement is None else g.placement.put_state(s) for g, s in zip(self.groups, states)]
         shards = {(g.placement.shard_index, g.placement.shard_count) if g.placement else (0, 1) for g in self.groups}
@@ -269,7 +269,7 @@ class Trainer:
         self.fd_step = None
         self._log_path = os.path.join(run.workdir, log_file)
         self._config_file, self._fd_monitor = config_file, fd_monitor
-        self._on_log, self._on_checkpoint = on_log, on_checkpoint
+        self._on_log, self._on_checkpoint, self._fd_images = on_log, on_checkpoint, fd_images
         self._pending: list = []  # the (state, metrics) of each group for the step being dispatched
         self._in_flight: list[_InFlight] = []  # dispatched steps not yet checked, oldest first
         self._progress: periodic.ReportProgress | None = None
@@ -419,12 +419,8 @@ class Trainer:
             if self.diverged[i] is None:
                 params = self.member_params(i)
                 self.fd[i] = self._fd_monitor(params, run.model, run.config, m.keys.sample)
-                if distributed.is_primary():  # the samples.png grid, in TensorBoard at each FD step
-                    images = networks.sample_prior(run.model.decoder, params["decoder"], m.keys.sample, 64,
-                                                   latent_dim=run.config.latent_dim,
-                                                   prior_scale=run.config.prior_scale, likelihood=run.model.likelihood)
-                    grid = plotting.image_grid(np.asarray(images), 8)
-                    self.metric_writers[i].write_images(step, {"prior_samples": grid / 255.0})
+                if self._fd_images is not None and distributed.is_primary():
+                    self.metric_writers[i].write_images(step, {"prior_samples": self._fd_images(params, m.keys.sample)})
         self.fd_step = step
 
     def _log(self, step: int) -> None:

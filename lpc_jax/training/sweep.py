@@ -78,7 +78,7 @@ from lpc_jax.evaluation import bounds, monitor
 from lpc_jax.model.state import Model, TrainState
 from lpc_jax.runtime import distributed, logs, workdir_lock
 from lpc_jax.sampling import langevin
-from lpc_jax.training import build, loop
+from lpc_jax.training import build, loop, train
 from lpc_jax.training.config import Config, check_resumable
 
 Array = jax.Array
@@ -377,6 +377,7 @@ def run_sweep(config: Config, step_sizes: Sequence[float], decays: Sequence | No
     trainer = loop.Trainer(
         run, groups, states, [loop.Member(label, k) for label, k in zip(labels, keys)],
         log_file="sweep_metrics.jsonl", fd_monitor=monitor, on_log=on_log,
+        fd_images=lambda params, key: train.prior_grid(run, params, key),
         config_file=("sweep_config.json", json.dumps({"config": json.loads(config.to_json()), "members": members,
                                                       "metric": metric, "mode": mode}, indent=2)))
     trainer.fit()

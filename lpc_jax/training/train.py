@@ -29,6 +29,7 @@ import os
 from typing import Callable
 
 import jax
+import numpy as np
 from absl import logging
 
 from lpc_jax import plotting
@@ -54,6 +55,15 @@ def _write_samples(run: loop.Run, params, rng_key: jax.Array, step: int) -> str:
     with logs.atomic_path(path) as tmp:  # complete or absent, also on a full disk
         plotting.save_image_grid(images, tmp, ncols=8, title=f"{c.algorithm} {c.dataset}: z ~ prior, step {step}")
     return path
+
+
+def prior_grid(run: loop.Run, params, rng_key: jax.Array) -> np.ndarray:
+    """The ``samples.png`` grid (8 x 8 decoder means of z ~ prior) as an (H, W, C) float image in [0, 1]:
+    the FD monitor's ``prior_samples`` image in TensorBoard."""
+    c = run.config
+    images = networks.sample_prior(run.model.decoder, params["decoder"], rng_key, 64, latent_dim=c.latent_dim,
+                                   prior_scale=c.prior_scale, likelihood=run.model.likelihood)
+    return plotting.image_grid(np.asarray(images), 8) / 255.0
 
 
 def sample_metrics(run: loop.Run, params, rng_key: jax.Array) -> dict:
@@ -134,7 +144,8 @@ def train_and_evaluate(config: Config, workdir: str,
         run, [group], [loop.init_state(keys.init, run.model, run.image_shape, config.latent_dim)],
         [loop.Member({}, keys)], log_file="metrics.jsonl", config_file=("config.json", config.to_json()),
         fd_monitor=fd_monitor, on_log=None if on_log is None else (lambda step, rows: on_log(step, rows[0])),
-        on_checkpoint=lambda step: _write_samples(run, trainer.states[0].params, keys.sample, step))
+        on_checkpoint=lambda step: _write_samples(run, trainer.states[0].params, keys.sample, step),
+        fd_images=lambda params, key: prior_grid(run, params, key))
     trainer.fit()
 
     params = trainer.member_params(0)  # on one local device: evaluation is not sharded
