@@ -159,10 +159,17 @@ def tree_differences(saved: Any, template: Any, limit: int = 5) -> list[str]:
     return out
 
 
+def _named_files(error: BaseException, step_dir: str) -> list[str]:
+    """The files under ``step_dir`` that ``error`` (or an error it came from) names, in tensorstore's words."""
+    text = " ".join(str(e) for e in _chain(error))
+    return sorted({f for f in re.findall(re.escape(step_dir) + r"[^\s\"'\],\\]*", text)
+                   if os.path.basename(f) and not f.endswith("/")})
+
+
 def _read_failure(error: BaseException, step_dir: str) -> str:
     """What a failed orbax read says, in words: a file named where the error names one."""
     text = " ".join(str(e) for e in _chain(error))
-    files = sorted(set(re.findall(re.escape(step_dir) + r"[^\s\"'\],]*", text)))
+    files = _named_files(error, step_dir)
     if "Topology mismatch" in text or "devices used to save" in text:
         return (f"it was saved on other devices and orbax could not lay it out on this process's "
                 f"{jax.device_count()} ({type(error).__name__}: {str(error)[:300]})")
@@ -278,10 +285,23 @@ class Checkpointer:
             if not os.path.isfile(os.path.join(path, name)):
                 raise self._restore_error(step, f"the file {os.path.join(path, name)} is missing")
         try:
-            return ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+            metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+            error = None
         except Exception as e:  # orbax raises many types for unreadable metadata
-            raise self._restore_error(step, f"its metadata in {path} is truncated or unreadable "
-                                      f"({type(e).__name__}: {str(e)[:200]})") from e
+            metadata, error = None, e
+        if metadata is not None:
+            return metadata.tree
+        # Orbax reads the tree metadata from the data files too, and says None when one is
+        # damaged; a plain read makes tensorstore name the file.
+        files = []
+        try:
+            ocp.StandardCheckpointer().restore(path)
+        except Exception as e:  # noqa: BLE001 (any failure: only the file names matter)
+            files = _named_files(e, os.path.join(self.directory, str(step)))
+        what = f"{', '.join(files[:3])} is missing, truncated or unreadable" if files else \
+            f"its metadata in {path} is truncated or unreadable"
+        detail = f" ({type(error).__name__}: {str(error)[:200]})" if error is not None else ""
+        raise self._restore_error(step, what + detail) from error
 
     def restore(self, template: Any = None, step: int | None = None, *, with_meta: bool = False,
                 sharding: jax.sharding.Sharding | None = None) -> Any:
