@@ -76,7 +76,7 @@ from absl import logging
 from lpc_jax import plotting
 from lpc_jax.evaluation import bounds, monitor
 from lpc_jax.model.state import Model, TrainState
-from lpc_jax.runtime import distributed, logs, workdir_lock
+from lpc_jax.runtime import distributed, logs, workdir_lock, writers
 from lpc_jax.sampling import langevin
 from lpc_jax.training import build, loop, train
 from lpc_jax.training.config import Config, check_resumable
@@ -309,7 +309,8 @@ def _member_results(trainer: loop.Trainer, members: list[dict], monitor) -> list
 
 
 def _write_results(workdir: str, summary: dict) -> None:
-    """``sweep_<metric>.png``, ``sweep_results.json`` and ``sweep_results.md``."""
+    """``sweep_<metric>.png``, ``sweep_results.json``, ``sweep_results.md`` and each member's final
+    metrics as ``test/...`` scalars in its TensorBoard run."""
     metric = summary["metric"]
     path = os.path.join(workdir, f"sweep_{metric}.png")
     with logs.atomic_path(path) as tmp:  # every file complete or absent, also on a full disk
@@ -318,6 +319,10 @@ def _write_results(workdir: str, summary: dict) -> None:
     summary["plot_png"] = path
     logs.write_json(os.path.join(workdir, "sweep_results.json"), summary, indent=2)
     logs.write_atomic(os.path.join(workdir, "sweep_results.md"), results_markdown(summary))
+    for r in summary["members"]:  # each member's final metrics in its TensorBoard run
+        tensorboard = writers.TensorBoardWriter(os.path.join(workdir, "tensorboard", f"member_{r['member']}"))
+        tensorboard.write_scalars(summary["steps"], {f"test/{k}": v for k, v in r.items() if k != "member"})
+        tensorboard.close()
 
 
 @workdir_lock.locked("sweep")

@@ -70,6 +70,7 @@ def test_nan_in_one_sweep_member_is_recorded_at_its_step(tmp_path, monkeypatch):
         tags = writers.scalars_of(str(tmp_path / "tensorboard" / f"member_{i}"))
         assert "steps_per_s" in tags and [s for s, _ in tags["examples_per_s"]] == [6]
         assert ("elbo" in tags) == (i != 1)
+        assert [s for s, _ in tags["test/step_size"]] == [6]  # the final results, at the last step
 
 
 def test_training_scalars_reach_tensorboard(tmp_path):
