@@ -344,9 +344,9 @@ class Trainer:
                 self._dispatch(index, x)
                 # One step late: step index - 1 finished while step index was queued behind it.
                 self._check(keep=0 if any(a.should_trigger(self.step) for a in self._actions) else 1)
-                if all(d is not None for d in self.diverged):  # the last member diverged one step back:
-                    self.step = max(self.diverged)  # stop there, as a check before this step would have
-                    break
+                if all(d is not None for d in self.diverged) and max(self.diverged) < self.step:
+                    self.step = max(self.diverged)  # the last member diverged one step back: stop there,
+                    break  # as a check before this step would have
                 for action in self._actions:
                     action(self.step)
             self._check(keep=0)

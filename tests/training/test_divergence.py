@@ -83,3 +83,16 @@ def test_training_scalars_reach_tensorboard(tmp_path):
         assert [s for s, _ in tags[name]] == [1, 2, 3, 4], name
     rows = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and "steps_per_s" not in rows[0]  # the JSON-lines log keeps its columns
+
+
+def test_a_sweep_whose_members_all_diverge_stops_at_that_step(tmp_path, monkeypatch):
+    """Read one step late, the last divergence still ends the sweep at its step (not one later)."""
+    k, calls = 3, []
+    jit = sweep.jit_sweep_step
+    monkeypatch.setattr(sweep, "jit_sweep_step", lambda *a, **kw: poisoned(jit(*a, **kw), k, calls))
+    summary = sweep.run_sweep(CONFIG, td.SWEEP_STEP_SIZES[4], [0.5], str(tmp_path), model=td.tiny_model(),
+                              train_images=td.images(), test_images=td.images()[:0])
+    assert [m["diverged_at_step"] for m in summary["members"]] == [k] * 4
+    assert summary["steps"] == k and len(calls) == k + 1
+    with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
+        assert ckpt.latest_step() == 2  # no checkpoint after the last divergence
