@@ -173,8 +173,8 @@ def _read_failure(error: BaseException, step_dir: str) -> str:
     if "Topology mismatch" in text or "devices used to save" in text:
         return (f"it was saved on other devices and orbax could not lay it out on this process's "
                 f"{jax.device_count()} ({type(error).__name__}: {str(error)[:300]})")
-    what = f" ({', '.join(files[:3])})" if files else ""
-    return (f"a file is missing, truncated or unreadable{what} ({type(error).__name__}: {str(error)[:300]})")
+    what = ", ".join(files[:3]) if files else f"a data file under {step_dir}"  # tensorstore named none
+    return f"{what} is missing, truncated or unreadable ({type(error).__name__}: {str(error)[:300]})"
 
 
 def _chain(error: BaseException | None):
