@@ -39,6 +39,7 @@ from experiments import launch
 from lpc_jax import plotting
 from lpc_jax.data import sources
 from lpc_jax.evaluation import chains
+from lpc_jax.runtime import logs
 from lpc_jax.sampling import diagnostics, samplers
 from lpc_jax.training import restore
 from lpc_jax.training.config import Config
@@ -123,13 +124,11 @@ def _timed(timings: dict, name: str, fn):
 
 
 def _write_json(out_dir: str, summary: dict, curves: dict) -> str:
-    path = os.path.join(out_dir, "diagnostics.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2, allow_nan=True)
-        f.write("\n")
-    with open(os.path.join(out_dir, "chain_curves.json"), "w") as f:
-        json.dump({label: {k: None if v is None else np.asarray(v).tolist() for k, v in c._asdict().items()}
-                   for label, c in curves.items()}, f, allow_nan=True)
+    path = os.path.join(out_dir, "diagnostics.json")  # each file complete or absent (logs.write_atomic)
+    logs.write_atomic(path, json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    logs.write_json(os.path.join(out_dir, "chain_curves.json"), {
+        label: {k: None if v is None else np.asarray(v).tolist() for k, v in c._asdict().items()}
+        for label, c in curves.items()}, allow_nan=True)
     return path
 
 
@@ -153,7 +152,11 @@ def main() -> None:
 
     out_dir = os.path.join(FLAGS.workdir, "diagnostics")
     title = f"{config.dataset} {config.algorithm}, step {step}, {setup.sampler}, T={FLAGS.num_steps}"
-    figures = _write_figures(out_dir, curves, paths, rhats, title)
+    try:  # a full disk: one error line naming the file
+        with logs.disk_errors(out_dir):
+            figures = _write_figures(out_dir, curves, paths, rhats, title)
+    except logs.LogWriteError as e:
+        launch.exit_with_error(e)
     summary = {
         "workdir": os.path.abspath(FLAGS.workdir), "checkpoint_step": step, "sampler": setup.sampler,
         "friction": setup.friction if setup.sampler == "underdamped" else None, "num_steps": FLAGS.num_steps,
@@ -167,7 +170,10 @@ def main() -> None:
                         "warmup_draws": int(FLAGS.warmup_fraction * FLAGS.num_steps), **convergence},
         "figures": figures, "timings_s": {**timings, "total": time.time() - t0},
     }
-    path = _write_json(out_dir, summary, curves)
+    try:
+        path = _write_json(out_dir, summary, curves)
+    except logs.LogWriteError as e:
+        launch.exit_with_error(e)
     for name, s in convergence.items():
         print(f"  {name}: split R-hat max {s['rhat_max']:.3f}, median {s['rhat_median']:.3f}, "
               f"{s['frac_rhat_below']:.0%} < {s['rhat_threshold']}; ESS min {s['ess_min']:.1f}, "

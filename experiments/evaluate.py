@@ -31,7 +31,7 @@ from absl import app, flags
 from experiments import launch
 from lpc_jax.data import sources
 from lpc_jax.evaluation import ais, evaluators
-from lpc_jax.runtime import periodic, workdir_lock
+from lpc_jax.runtime import logs, periodic, workdir_lock
 from lpc_jax.training import restore
 from lpc_jax.training.evaluate import evaluate
 
@@ -130,9 +130,10 @@ def _evaluate() -> None:
     result.update({"workdir": os.path.abspath(workdir), "seed": FLAGS.seed,
                    "total_wall_s": time.time() - t0})
     out_path = os.path.join(workdir, FLAGS.output)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=2, allow_nan=True)
-        f.write("\n")
+    try:  # complete or absent, also on a full disk
+        logs.write_atomic(out_path, json.dumps(result, indent=2, allow_nan=True) + "\n")
+    except logs.LogWriteError as e:
+        launch.exit_with_error(e)
 
     skip = {"feature_extractors", "notes", "timings_s", "workdir", "samples_png", "ais_per_image_nats"}
     for key, value in result.items():

@@ -16,7 +16,7 @@ from typing import Callable, NoReturn, Sequence
 from absl import app, flags, logging
 
 from experiments import flags as lpc_flags
-from lpc_jax.runtime import checkpoints, distributed, workdir_lock
+from lpc_jax.runtime import checkpoints, distributed, logs, workdir_lock
 from lpc_jax.training import train
 from lpc_jax.training.config import Config
 
@@ -26,9 +26,9 @@ FLAGS = flags.FLAGS
 # weights (FileNotFoundError), an unreadable checkpoint or one that could not be
 # saved (checkpoints.CheckpointSaveError: disk full), a workdir in use by another
 # run, a diverged chain (train.DivergenceError is a FloatingPointError), a value
-# the library rejects.
+# the library rejects, a log, plot or summary that could not be written (logs.LogWriteError).
 RUN_ERRORS = (FileNotFoundError, checkpoints.CheckpointError, workdir_lock.WorkdirLockedError, FloatingPointError,
-              ValueError)
+              ValueError, logs.LogWriteError)
 
 
 def flag_message(error: Exception) -> str:

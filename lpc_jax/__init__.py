@@ -86,6 +86,14 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "run_sweep": ("lpc_jax.training.sweep", "run_sweep"),
     "load_run": ("lpc_jax.training.restore", "load_run"),
     "evaluate": ("lpc_jax.training.evaluate", "evaluate"),
+    "DivergenceError": ("lpc_jax.training.run_kinds", "DivergenceError"),
+    # runtime: checkpoints that restore on any devices, logs and TensorBoard writers
+    "Checkpointer": ("lpc_jax.runtime.checkpoints", "Checkpointer"),
+    "CheckpointError": ("lpc_jax.runtime.checkpoints", "CheckpointError"),
+    "LogWriteError": ("lpc_jax.runtime.logs", "LogWriteError"),
+    "MetricWriter": ("lpc_jax.runtime.writers", "MetricWriter"),
+    "JsonlWriter": ("lpc_jax.runtime.writers", "JsonlWriter"),
+    "TensorBoardWriter": ("lpc_jax.runtime.writers", "TensorBoardWriter"),
 }
 
 __all__ = ["__version__", *_EXPORTS]

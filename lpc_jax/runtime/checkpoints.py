@@ -36,12 +36,19 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step being written
+ITEM = "default"  # the arrays of a checkpoint saved without meta
+STATE_ITEM = "state"  # ... and with meta (beside the JSON item "meta")
 
 
 class CheckpointError(RuntimeError):
@@ -96,6 +103,86 @@ def disk_bytes(path: str) -> int:
             except FileNotFoundError:  # removed meanwhile
                 pass
     return total
+
+
+def replicated() -> NamedSharding:
+    """Every array whole on every device of every process (the mesh of all ``jax.devices()``)."""
+    return NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",)), P())
+
+
+def restore_target(template: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+    """``template`` as ``jax.ShapeDtypeStruct`` leaves that each carry a sharding of this process's devices.
+
+    A ``jax.Array`` leaf keeps its own sharding, a ``ShapeDtypeStruct`` its own if
+    it has one; any other leaf (numpy, orbax metadata, unsharded structs) takes
+    ``sharding``, default :func:`replicated`. Orbax restores each array straight
+    into that layout (``ocp.args.StandardRestore``), whatever layout saved it.
+    """
+    default = sharding or replicated()
+
+    def one(leaf):
+        own = getattr(leaf, "sharding", None)
+        if not isinstance(own, jax.sharding.Sharding) or (isinstance(leaf, jax.Array) and leaf.is_deleted()):
+            own = default
+        return jax.ShapeDtypeStruct(tuple(leaf.shape), np.dtype(leaf.dtype), sharding=own)
+
+    return jax.tree.map(one, template)
+
+
+def _leaf_signatures(tree: Any) -> dict[str, tuple]:
+    """{"a/b/0": (shape, dtype name)}: paths by key names alone, so that a saved tree (orbax writes
+    dicts and lists) and a template of the same arrays (dataclasses, named tuples) agree."""
+    def name(entry):
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+
+    return {"/".join(name(e) for e in path): (tuple(a.shape), np.dtype(a.dtype).name)
+            for path, a in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def tree_differences(saved: Any, template: Any, limit: int = 5) -> list[str]:
+    """``"<path>: saved <shape dtype>, expected <shape dtype>"`` for up to ``limit`` differing arrays.
+
+    ``saved`` is :meth:`Checkpointer.saved_tree`'s metadata, ``template`` the
+    reader's state (arrays or ``ShapeDtypeStruct``). [] when they agree.
+    """
+    got, want = _leaf_signatures(saved), _leaf_signatures(template)
+    out = []
+    for path in sorted(got.keys() | want.keys()):
+        if got.get(path) != want.get(path):
+            show = [f"{v[0]} {v[1]}" if v else "absent" for v in (got.get(path), want.get(path))]
+            out.append(f"{path or 'root'}: saved {show[0]}, expected {show[1]}")
+    if len(out) > limit:
+        out = out[:limit] + [f"{len(out) - limit} more"]
+    return out
+
+
+def _named_files(error: BaseException, step_dir: str) -> list[str]:
+    """The files under ``step_dir`` that ``error`` (or an error it came from) names, in tensorstore's words."""
+    text = " ".join(str(e) for e in _chain(error))
+    return sorted({f for f in re.findall(re.escape(step_dir) + r"[^\s\"'\],\\]*", text)
+                   if os.path.basename(f) and not f.endswith("/")})
+
+
+def _read_failure(error: BaseException, step_dir: str) -> str:
+    """What a failed orbax read says, in words: a file named where the error names one."""
+    text = " ".join(str(e) for e in _chain(error))
+    files = _named_files(error, step_dir)
+    if "Topology mismatch" in text or "devices used to save" in text:
+        return (f"it was saved on other devices and orbax could not lay it out on this process's "
+                f"{jax.device_count()} ({type(error).__name__}: {str(error)[:300]})")
+    what = ", ".join(files[:3]) if files else f"a data file under {step_dir}"  # tensorstore named none
+    return f"{what} is missing, truncated or unreadable ({type(error).__name__}: {str(error)[:300]})"
+
+
+def _chain(error: BaseException | None):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 class Checkpointer:
@@ -187,29 +274,87 @@ class Checkpointer:
             f"step {step} was left behind. To continue, {fix}, then rerun the same command with the same "
             f"--workdir to {resume}.", step=step, last_good=last_good, disk_full=disk_full)
 
-    def restore(self, template: Any, step: int | None = None, *, with_meta: bool = False) -> Any:
-        """Restores ``step`` (default: newest) into the structure of ``template``.
+    def saved_tree(self, step: int, *, item: str = ITEM) -> Any:
+        """The pytree of ``ocp`` array metadata (``shape``, ``dtype``, the saving ``sharding``) of ``step``.
+
+        Raises:
+          CheckpointError: the step's metadata is missing or unreadable (names the file).
+        """
+        path = os.path.join(self.directory, str(step), item)
+        for name in ("_METADATA", "manifest.ocdbt"):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise self._restore_error(step, f"the file {os.path.join(path, name)} is missing")
+        try:
+            metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+            error = None
+        except Exception as e:  # orbax raises many types for unreadable metadata
+            metadata, error = None, e
+        if metadata is not None:
+            return metadata.tree
+        # Orbax reads the tree metadata from the data files too, and says None when one is
+        # damaged; a plain read makes tensorstore name the file.
+        files = []
+        try:
+            ocp.StandardCheckpointer().restore(path)
+        except Exception as e:  # noqa: BLE001 (any failure: only the file names matter)
+            files = _named_files(e, os.path.join(self.directory, str(step)))
+        what = f"{', '.join(files[:3])} is missing, truncated or unreadable" if files else \
+            f"its metadata in {path} is truncated or unreadable"
+        detail = f" ({type(error).__name__}: {str(error)[:200]})" if error is not None else ""
+        raise self._restore_error(step, what + detail) from error
+
+    def restore(self, template: Any = None, step: int | None = None, *, with_meta: bool = False,
+                sharding: jax.sharding.Sharding | None = None) -> Any:
+        """Restores ``step`` (default: newest) onto this process's devices, whatever devices saved it.
+
+        Orbax reads each array straight into the sharding of the target that
+        :func:`restore_target` makes of ``template`` (``ocp.args.StandardRestore``
+        with ``jax.ShapeDtypeStruct(..., sharding=...)`` leaves), so a checkpoint
+        written on any number of devices or processes restores on any other.
+
+        Args:
+          template: a pytree like the saved one: placed ``jax.Array`` leaves keep
+            their sharding (e.g. a sweep's members spread over the devices); numpy
+            arrays and unsharded ``ShapeDtypeStruct`` leaves take ``sharding``.
+            None: the saved structure, read from the checkpoint's metadata.
+          step: default the newest.
+          with_meta: the checkpoint was saved with ``meta``; also return it.
+          sharding: for the leaves without one; default :func:`replicated`.
 
         Returns:
           The state; with ``with_meta``, ``(state, meta)``.
 
         Raises:
-          CheckpointError: no checkpoint, or one that is corrupt or from another model.
+          CheckpointError: no checkpoint; a file missing or truncated (named); a
+            checkpoint of another model (the differing arrays named); or
+            another failure, with orbax's message. Nothing is ever deleted.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
+        item = STATE_ITEM if with_meta else ITEM
+        saved = self.saved_tree(step, item=item)
+        if template is None:
+            template = saved
+        else:
+            differences = tree_differences(saved, template)
+            if differences:
+                raise self._restore_error(step, "it was written by another model or config (saved vs expected: "
+                                          + "; ".join(differences) + ")")
+        target = restore_target(template, sharding)
         try:
             if not with_meta:
-                return self._manager.restore(step, args=ocp.args.StandardRestore(template))
+                return self._manager.restore(step, args=ocp.args.StandardRestore(target))
             out = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
             return out["state"], out["meta"]
         except Exception as e:  # orbax raises many types for unreadable / mismatched trees
-            raise CheckpointError(
-                f"checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: "
-                f"{str(e)[:300]}). It is corrupt or was written by a different model; move it "
-                f"away or use another --workdir. Nothing was deleted.") from e
+            raise self._restore_error(step, _read_failure(e, os.path.join(self.directory, str(step)))) from e
+
+    def _restore_error(self, step: int, reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {self.directory}/{step} cannot be restored: {reason}. Nothing was deleted; "
+            f"move that step away to resume from an earlier one, or use another --workdir.")
 
     def close(self) -> None:
         self._manager.close()

@@ -13,13 +13,14 @@
   spread over the devices. Logs and config files are written by process 0.
 * :class:`Trainer` feeds every group the batches of :func:`lpc_jax.data.pipeline.step_batches`
   with step keys ``fold_in(step_key, step)``, checks each member for NaN/Inf after
-  every step (:func:`members_finite`) and runs the periodic actions
+  every step (:func:`members_finite`, on device, fetched one step late) and runs the periodic actions
   (:mod:`lpc_jax.runtime.periodic`): the FD monitor, the JSON-lines log with a progress
   line, and orbax checkpoints. It resumes from the newest checkpoint, so an
   interrupted run, single or sweep, continues on exactly the batches and keys
   an uninterrupted one would have used.
 
-A single run raises :class:`DivergenceError` at a non-finite step (nothing is
+What a single run and a sweep do differently is in :mod:`lpc_jax.training.run_kinds`:
+a single run raises :class:`DivergenceError` at a non-finite step (nothing is
 saved for it) and checkpoints its bare ``TrainState`` (what
 :func:`lpc_jax.training.restore.load_run` restores); a sweep records the member as
 diverged at that step, trains the others on, and checkpoints the stacked states
@@ -41,16 +42,20 @@ from absl import logging
 
 from lpc_jax.data import pipeline
 from lpc_jax.model.state import Model, TrainState, create_train_state
-from lpc_jax.runtime import checkpoints, distributed, logs, periodic, workdir_lock
+from lpc_jax.runtime import (
+    checkpoints,
+    distributed,
+    logs,
+    periodic,
+    workdir_lock,
+    writers,
+)
 from lpc_jax.sampling import langevin
 from lpc_jax.training import build
 from lpc_jax.training.config import Config
+from lpc_jax.training.run_kinds import DivergenceError, SingleRun, Sweep
 
 Array = jax.Array
-
-
-class DivergenceError(FloatingPointError):
-    """Training produced NaN or Inf; the last good checkpoint is left as it was."""
 
 
 # --------------------------------------------------------------------------- #
@@ -167,24 +172,26 @@ def _fold_in_all(keys: Array, step) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames="stacked")
-def _params_finite(params, *, stacked: bool) -> Array:
-    leaves = jax.tree.leaves(params)
-    k = leaves[0].shape[0] if stacked else 1
-    return jnp.stack([jnp.isfinite(leaf.reshape(k, -1)).all(axis=1) for leaf in leaves]).all(axis=0)
+def members_finite(params: Any, metrics: dict, *, stacked: bool) -> Array:
+    """(K_g,) bool on device: every metric and every parameter of member k is finite.
 
-
-def members_finite(params: Any, metrics: dict, *, stacked: bool) -> np.ndarray:
-    """(K_g,) bool: every metric and every parameter of member k is finite.
+    Computed where the step ran, so the host never waits for it: the loop
+    fetches the flags with the metrics one step late, or at a logged step.
 
     Args:
       params: a group's params; leaves (K_g, ...) when ``stacked``, else one member's.
-      metrics: host metrics of the step, (K_g,) or scalar values.
+      metrics: the step's metrics on device, (K_g,) or scalar values.
       stacked: whether the group has a leading member axis (else K_g = 1).
     """
-    ok = np.asarray(_params_finite(params, stacked=stacked))
-    for value in metrics.values():
-        ok = ok & np.isfinite(np.reshape(value, -1))
-    return ok
+    leaves = jax.tree.leaves(params)
+    k = leaves[0].shape[0] if stacked else 1
+    checks = [jnp.isfinite(leaf.reshape(k, -1)).all(axis=1) for leaf in [*leaves, *metrics.values()]]
+    return jnp.stack(checks).all(axis=0)
+
+
+def fetch(tree: Any) -> Any:
+    """Device -> host (``jax.device_get``): the one place the loop waits for the device."""
+    return jax.device_get(tree)
 
 
 def member_tree(tree: Any, k: int) -> Any:
@@ -202,6 +209,14 @@ def _deleted(tree) -> bool:
 # --------------------------------------------------------------------------- #
 
 
+class _InFlight(NamedTuple):
+    """A dispatched step whose results the host has not looked at yet."""
+
+    index: int  # the step is index + 1
+    metrics: list  # per group: the step's metrics, on device
+    finite: list  # per group: members_finite(...), (K_g,) bool on device
+
+
 class Trainer:
     """Trains ``groups`` to ``run.num_total`` steps; resumable, logged, checkpointed.
 
@@ -211,11 +226,21 @@ class Trainer:
       states: each group's initial state (stacked when the group is).
       members: the K members (log labels and keys; ``keys.sample`` seeds the FD monitor).
       log_file: JSON-lines log in the workdir: one row per member at every logged step.
+        The same rows (and ``steps_per_s``) go to TensorBoard event files in
+        ``workdir/tensorboard`` (a sweep: ``tensorboard/member_<i>``) through one
+        :class:`lpc_jax.runtime.writers.MetricWriter` per member, made by process 0.
       config_file: ``(name, text)`` written into the workdir once a checkpoint
         has been restored (or none exists): what a later resume is checked against.
       fd_monitor: optional ``evaluation.FDMonitor``, run every ``config.fd_every`` steps.
       on_log: optional ``(step, rows)`` callback at each logged step.
       on_checkpoint: optional ``(step)`` callback after each periodic checkpoint.
+      fd_images: optional ``(params, sample_key) -> (H, W, C)`` image in [0, 1], logged to
+        TensorBoard as ``prior_samples`` at each FD monitor step.
+
+    One unstacked group is a :class:`SingleRun`, anything else a :class:`Sweep`.
+    The host never waits for a step before dispatching the next: each step's
+    NaN/Inf check (:func:`members_finite`) runs on device and is fetched one step
+    late, or before a periodic action looks at the state.
 
     After :meth:`fit`: ``step`` (SGD steps done), ``states``, ``diverged``
     ((K,) step of divergence or None), ``last`` (each member's last finite
@@ -225,14 +250,15 @@ class Trainer:
     def __init__(self, run: Run, groups: Sequence[Group], states: Sequence[Any], members: Sequence[Member], *,
                  log_file: str, config_file: tuple[str, str], fd_monitor=None,
                  on_log: Callable[[int, list[dict]], None] | None = None,
-                 on_checkpoint: Callable[[int], None] | None = None):
+                 on_checkpoint: Callable[[int], None] | None = None, fd_images: Callable | None = None):
         self.run, self.groups, self.members = run, tuple(groups), tuple(members)
         self.states = [s if g.placement is None else g.placement.put_state(s) for g, s in zip(self.groups, states)]
         shards = {(g.placement.shard_index, g.placement.shard_count) if g.placement else (0, 1) for g in self.groups}
         if len(shards) != 1:
             raise ValueError(f"groups read different rows of the batch ({sorted(shards)}); give them one placement")
         (self._shard_index, self._shard_count), = shards
-        self.single = len(self.groups) == 1 and not self.groups[0].stacked
+        single = len(self.groups) == 1 and not self.groups[0].stacked
+        self.kind: SingleRun | Sweep = SingleRun() if single else Sweep()
         self._where = {i: (g, j) for g, group in enumerate(self.groups) for j, i in enumerate(group.members)}
         self.step, self.train_s, self.ckpt = 0, 0.0, None
         self.diverged: list[int | None] = [None] * len(members)
@@ -241,9 +267,11 @@ class Trainer:
         self.fd_step = None
         self._log_path = os.path.join(run.workdir, log_file)
         self._config_file, self._fd_monitor = config_file, fd_monitor
-        self._on_log, self._on_checkpoint = on_log, on_checkpoint
-        self._pending: list = []  # the (state, metrics) of each group for the step in flight
+        self._on_log, self._on_checkpoint, self._fd_images = on_log, on_checkpoint, fd_images
+        self._pending: list = []  # the (state, metrics) of each group for the step being dispatched
+        self._in_flight: list[_InFlight] = []  # dispatched steps not yet checked, oldest first
         self._progress: periodic.ReportProgress | None = None
+        self.metric_writers: list[writers.MetricWriter] = []  # per member, while fit runs
         c, n = run.config, run.num_total
         fd_every = c.fd_every if fd_monitor is not None else 0
         self._actions = (  # in this order: a logged row holds the FD computed at its step
@@ -268,23 +296,25 @@ class Trainer:
           DivergenceError: a single run's step produced NaN/Inf.
           KeyboardInterrupt: re-raised after saving the last finished step.
         """
-        purpose = "train" if self.single else "sweep"
-        with workdir_lock.lock(self.run.workdir, purpose, process_index=jax.process_index()), \
+        with workdir_lock.lock(self.run.workdir, self.kind.purpose, process_index=jax.process_index()), \
                 checkpoints.Checkpointer(self.run.workdir, self.run.config.keep_checkpoints) as self.ckpt:
             self._restore()
             name, text = self._config_file
             if distributed.is_primary():
                 logs.write_atomic(os.path.join(self.run.workdir, name), text)
-            self._train()
+            self.metric_writers = writers.member_writers(
+                self.run.workdir, self._log_path, [m.label for m in self.members],
+                per_member=isinstance(self.kind, Sweep), primary=distributed.is_primary())
+            try:
+                self._train()
+            finally:
+                for w in self.metric_writers:
+                    w.close()
 
     def _restore(self) -> None:
         start = self.ckpt.latest_step()
-        if start is not None:
-            if self.single:
-                self.states = [self.ckpt.restore(self.states[0])]
-            else:
-                states, meta = self.ckpt.restore(tuple(self.states), with_meta=True)
-                self.states, self.diverged, self.last = list(states), meta["diverged_at_step"], meta["last"]
+        if start is not None:  # onto the groups' placements on this process's devices, whatever saved it
+            self.kind.restore(self, self.ckpt)
             logging.info("resumed from %s at step %d", self.ckpt.directory, start)
         self.step = start or 0
         # A run killed after its last checkpoint logged steps it will now redo (and
@@ -309,74 +339,86 @@ class Trainer:
                                               shard_count=self._shard_count):
                 if all(d is not None for d in self.diverged):
                     break
-                self._pending, placed = [], {}  # one transfer per batch placement
-                for group, state in zip(self.groups, self.states):
-                    where = group.placement and group.placement.batch
-                    if where not in placed:
-                        placed[where] = jnp.asarray(x) if where is None else group.placement.put_batch(x)
-                    self._pending.append(group.step_fn(state, placed[where], group.rng(index), group.hparams))
-                self._commit(index, self._pending)
+                self._dispatch(index, x)
+                # One step late: step index - 1 finished while step index was queued behind it.
+                self._check(keep=0 if any(a.should_trigger(self.step) for a in self._actions) else 1)
+                if all(d is not None for d in self.diverged) and max(self.diverged) < self.step:
+                    self.step = max(self.diverged)  # the last member diverged one step back: stop there,
+                    break  # as a check before this step would have
                 for action in self._actions:
                     action(self.step)
+            self._check(keep=0)
         except KeyboardInterrupt:
             self._save_on_interrupt()
             raise
         self.train_s = self._progress.wall_s
 
-    def _commit(self, index: int, results: list) -> None:
-        """Checks step ``index``'s results member by member, then makes them the current states."""
-        checked = {}
-        for group, (state, metrics) in zip(self.groups, results):
-            metrics = jax.device_get(metrics)
-            finite = members_finite(state.params, metrics, stacked=group.stacked)
-            for j, i in enumerate(group.members):
-                checked[i] = ({k: float(np.reshape(v, -1)[j]) for k, v in metrics.items()}, bool(finite[j]))
-        bad = [i for i, (_, ok) in checked.items() if not ok and self.diverged[i] is None]
-        if bad and self.single:
-            raise DivergenceError(
-                f"step {index + 1} produced NaN/Inf (metrics: {checked[bad[0]][0]}). Training stopped; "
-                f"the last good checkpoint ({self.ckpt.latest_step()}) in {self.ckpt.directory} is untouched. "
-                f"Try a smaller --step_size or --learning_rate, or --preconditioner.")
-        for i, (row, ok) in checked.items():
-            if self.diverged[i] is not None:
-                continue
-            if ok:
-                self.last[i] = row
-            else:
-                self.diverged[i] = index + 1
-                logging.warning("member %d %s diverged at step %d", i, self.members[i].label, index + 1)
+    def _dispatch(self, index: int, x: np.ndarray) -> None:
+        """Queues step ``index + 1`` of every group (no waiting) and its on-device NaN/Inf check."""
+        self._pending, placed = [], {}  # one transfer per batch placement
+        for group, state in zip(self.groups, self.states):
+            where = group.placement and group.placement.batch
+            if where not in placed:
+                placed[where] = jnp.asarray(x) if where is None else group.placement.put_batch(x)
+            self._pending.append(group.step_fn(state, placed[where], group.rng(index), group.hparams))
+        self._adopt(index, self._pending)
+
+    def _adopt(self, index: int, results: list) -> None:
+        """Makes a dispatched step's results the current states; its check goes in flight."""
+        finite = [members_finite(state.params, metrics, stacked=g.stacked)
+                  for g, (state, metrics) in zip(self.groups, results)]
+        self._in_flight.append(_InFlight(index, [metrics for _, metrics in results], finite))
         self.states, self.step = [state for state, _ in results], index + 1
+
+    def _check(self, keep: int = 0) -> None:
+        """Fetches and applies the checks of the steps in flight, all but the newest ``keep``.
+
+        Raises:
+          DivergenceError: a single run's step was not finite (nothing saved for it).
+        """
+        while len(self._in_flight) > keep:
+            done = self._in_flight[0]
+            metrics, finite = fetch((done.metrics, done.finite))
+            self._in_flight.pop(0)
+            for group, values, ok in zip(self.groups, metrics, finite):
+                for j, i in enumerate(group.members):
+                    if self.diverged[i] is not None:
+                        continue
+                    row = {k: float(np.reshape(v, -1)[j]) for k, v in values.items()}
+                    if ok[j]:
+                        self.last[i] = row
+                    else:
+                        self.kind.diverged(self, i, done.index + 1, row)
 
     def _save_on_interrupt(self) -> None:
         if any(_deleted(state) for state in self.states):
-            # Ctrl-C landed while a step that consumed (donated) the states ran: keep
-            # that step's result if every group finished it and it passes the check.
+            # Ctrl-C landed while a step that consumed (donated) the states was being
+            # dispatched: keep that step's result if every group has it.
             results = self._pending
             if len(results) < len(self.groups) or any(_deleted(state) for state, _ in results):
                 return
-            try:
-                self._commit(self.step, results)
-            except DivergenceError:
-                return
+            self._adopt(self.step, results)
+        try:
+            self._check(keep=0)
+        except DivergenceError:
+            return
         if self.step > (self.ckpt.latest_step() or 0):
             logging.warning("interrupted: saving step %d so the run can resume", self.step)
-            self._save(self.step)
-
-    def _save(self, step: int) -> None:
-        if self.single:
-            self.ckpt.save(step, self.states[0])
-        else:
-            self.ckpt.save(step, tuple(self.states), meta={"diverged_at_step": self.diverged, "last": self.last})
+            self.kind.save(self, self.step)
 
     def _checkpoint(self, step: int) -> None:
-        self._save(step)
+        self.kind.save(self, step)
         if self._on_checkpoint:
             self._on_checkpoint(step)
 
     def _measure_fd(self, step: int) -> None:
+        run = self.run
         for i, m in enumerate(self.members):
             if self.diverged[i] is None:
-                self.fd[i] = self._fd_monitor(self.member_params(i), self.run.model, self.run.config, m.keys.sample)
+                params = self.member_params(i)
+                self.fd[i] = self._fd_monitor(params, run.model, run.config, m.keys.sample)
+                if self._fd_images is not None and distributed.is_primary():
+                    self.metric_writers[i].write_images(step, {"prior_samples": self._fd_images(params, m.keys.sample)})
         self.fd_step = step
 
     def _log(self, step: int) -> None:
@@ -389,16 +431,14 @@ class Trainer:
                 values = {"diverged_at_step": self.diverged[i]}
             else:
                 values = {**self.last[i], **(self.fd[i] if self.fd_step == step else {})}
-            rows.append({"step": step, **m.label, **{k: logs.json_number(v) for k, v in values.items()}, **common})
-        if distributed.is_primary():
-            with open(self._log_path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            scalars = {**{k: logs.json_number(v) for k, v in values.items()}, **common}
+            self.metric_writers[i].write_scalars(step, {**scalars, "steps_per_s": progress.steps_per_s})
+            rows.append({"step": step, **m.label, **scalars})
         alive = [r for r in rows if r.get("elbo") is not None]
         best = max(alive, key=lambda r: r["elbo"]) if alive else {}
         logging.info("step %d/%d (%.1f%%) | %.2f steps/s, %.0f ex/s | ETA %s | loss %.1f elbo %.1f%s",
                      step, run.num_total, 100 * step / run.num_total, progress.steps_per_s,
                      common["examples_per_s"], periodic.format_time(progress.eta_s),
-                     best.get("loss", math.nan), best.get("elbo", math.nan),
-                     "" if self.single else f" (best of {len(rows)}, {len(rows) - len(alive)} diverged)")
+                     best.get("loss", math.nan), best.get("elbo", math.nan), self.kind.log_note(rows, alive))
         if self._on_log:
             self._on_log(step, rows)

@@ -22,12 +22,19 @@ def checkpoint_steps(workdir: str) -> list[int]:
                   if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
 
-def load_run(workdir: str, step: int | None = None) -> tuple[Config, Model, TrainState]:
+def load_run(workdir: str, step: int | None = None, *,
+             sharding: jax.sharding.Sharding | None = None) -> tuple[Config, Model, TrainState]:
     """Restores a training run written by :func:`lpc_jax.training.train.train_and_evaluate`.
+
+    Works whatever devices or processes trained the run: orbax reads the arrays
+    straight into ``sharding`` (:meth:`lpc_jax.runtime.checkpoints.Checkpointer.restore`).
 
     Args:
       workdir: the run's directory (holds ``config.json`` and ``checkpoints/``).
       step: checkpoint step to restore; default the newest.
+      sharding: where the state goes; default the first local device (what
+        evaluation, diagnostics and figures run on); e.g.
+        ``checkpoints.replicated()`` for every device.
 
     Returns:
       ``(config, model, state)``: the run's validated Config, the Model built from
@@ -37,7 +44,8 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Config, Model, Trai
       FileNotFoundError: ``workdir``, its ``config.json`` or its checkpoints are
         missing (the message names the path).
       checkpoints.CheckpointError: ``step`` does not exist, or a checkpoint cannot be
-        restored.
+        restored (the message says why: a file missing or truncated, or arrays
+        that another model or config wrote).
       ValueError: ``config.json`` is unreadable or invalid.
     """
     if not os.path.isdir(workdir):
@@ -63,9 +71,13 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Config, Model, Trai
     # every layer op by op, which takes tens of seconds on a CPU.
     template = jax.eval_shape(lambda: create_train_state(
         jax.random.key(0), model, sources.image_shape(config.dataset), config.latent_dim))
-    ckpt = checkpoints.Checkpointer(workdir)
-    try:
-        state = ckpt.restore(template, step)
-    finally:
-        ckpt.close()
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with checkpoints.Checkpointer(workdir) as ckpt:
+        try:
+            state = ckpt.restore(template, step, sharding=sharding)
+        except checkpoints.CheckpointError as e:
+            if "another model or config" not in str(e):
+                raise
+            raise checkpoints.CheckpointError(f"{e} Its config.json ({config_path}) does not describe the "
+                                              f"networks that wrote it.") from e
     return config, model, state

@@ -76,9 +76,9 @@ from absl import logging
 from lpc_jax import plotting
 from lpc_jax.evaluation import bounds, monitor
 from lpc_jax.model.state import Model, TrainState
-from lpc_jax.runtime import distributed, logs, workdir_lock
+from lpc_jax.runtime import distributed, logs, workdir_lock, writers
 from lpc_jax.sampling import langevin
-from lpc_jax.training import build, loop
+from lpc_jax.training import build, loop, train
 from lpc_jax.training.config import Config, check_resumable
 
 Array = jax.Array
@@ -309,15 +309,20 @@ def _member_results(trainer: loop.Trainer, members: list[dict], monitor) -> list
 
 
 def _write_results(workdir: str, summary: dict) -> None:
-    """``sweep_<metric>.png``, ``sweep_results.json`` and ``sweep_results.md``."""
+    """``sweep_<metric>.png``, ``sweep_results.json``, ``sweep_results.md`` and each member's final
+    metrics as ``test/...`` scalars in its TensorBoard run."""
     metric = summary["metric"]
-    summary["plot_png"] = plotting.plot_sweep(
-        summary["members"], metric, os.path.join(workdir, f"sweep_{metric}.png"),
-        title=f"{summary['config']['dataset']}: {metric} after {summary['steps']} steps, T={summary['num_steps_T']}")
-    with open(os.path.join(workdir, "sweep_results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, "sweep_results.md"), "w") as f:
-        f.write(results_markdown(summary))
+    path = os.path.join(workdir, f"sweep_{metric}.png")
+    with logs.atomic_path(path) as tmp:  # every file complete or absent, also on a full disk
+        plotting.plot_sweep(summary["members"], metric, tmp, title=f"{summary['config']['dataset']}: {metric} after "
+                            f"{summary['steps']} steps, T={summary['num_steps_T']}")
+    summary["plot_png"] = path
+    logs.write_json(os.path.join(workdir, "sweep_results.json"), summary, indent=2)
+    logs.write_atomic(os.path.join(workdir, "sweep_results.md"), results_markdown(summary))
+    for r in summary["members"]:  # each member's final metrics in its TensorBoard run
+        tensorboard = writers.TensorBoardWriter(os.path.join(workdir, "tensorboard", f"member_{r['member']}"))
+        tensorboard.write_scalars(summary["steps"], {f"test/{k}": v for k, v in r.items() if k != "member"})
+        tensorboard.close()
 
 
 @workdir_lock.locked("sweep")
@@ -377,6 +382,7 @@ def run_sweep(config: Config, step_sizes: Sequence[float], decays: Sequence | No
     trainer = loop.Trainer(
         run, groups, states, [loop.Member(label, k) for label, k in zip(labels, keys)],
         log_file="sweep_metrics.jsonl", fd_monitor=monitor, on_log=on_log,
+        fd_images=lambda params, key: train.prior_grid(run, params, key),
         config_file=("sweep_config.json", json.dumps({"config": json.loads(config.to_json()), "members": members,
                                                       "metric": metric, "mode": mode}, indent=2)))
     trainer.fit()

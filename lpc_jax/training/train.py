@@ -15,22 +15,28 @@ What a run leaves in ``workdir``:
 * ``summary.json``: test-set ELBO (nats and bits/dim), timings and, with
   ``eval_samples > 0``, fd/KID/density/coverage of that many prior samples in the
   shipped classifier's feature space, at the end.
+* ``tensorboard/``: the same training scalars (and steps/s), the FD monitor's
+  metrics and prior-sample grid at each FD step, and the summary's numbers as
+  ``test/...`` at the end: ``tensorboard --logdir runs/``.
+
+Every file is written whole or not at all (a temporary renamed into place); a
+full disk gives one ``LogWriteError`` naming the file, and a rerun resumes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
 import jax
+import numpy as np
 from absl import logging
 
 from lpc_jax import plotting
 from lpc_jax.evaluation import bounds, evaluators, features, monitor
 from lpc_jax.model import networks
 from lpc_jax.model.state import Model
-from lpc_jax.runtime import distributed, logs, workdir_lock
+from lpc_jax.runtime import distributed, logs, workdir_lock, writers
 from lpc_jax.sampling import langevin
 from lpc_jax.training import build, loop
 from lpc_jax.training.config import Config, ConfigError, check_resumable, load_config
@@ -46,8 +52,18 @@ def _write_samples(run: loop.Run, params, rng_key: jax.Array, step: int) -> str:
     params = distributed.local_copy(params)
     images = networks.sample_prior(run.model.decoder, params["decoder"], rng_key, 64, latent_dim=c.latent_dim,
                                  prior_scale=c.prior_scale, likelihood=run.model.likelihood)
-    return plotting.save_image_grid(images, path, ncols=8,
-                                    title=f"{c.algorithm} {c.dataset}: z ~ prior, step {step}")
+    with logs.atomic_path(path) as tmp:  # complete or absent, also on a full disk
+        plotting.save_image_grid(images, tmp, ncols=8, title=f"{c.algorithm} {c.dataset}: z ~ prior, step {step}")
+    return path
+
+
+def prior_grid(run: loop.Run, params, rng_key: jax.Array) -> np.ndarray:
+    """The ``samples.png`` grid (8 x 8 decoder means of z ~ prior) as an (H, W, C) float image in [0, 1]:
+    the FD monitor's ``prior_samples`` image in TensorBoard."""
+    c = run.config
+    images = networks.sample_prior(run.model.decoder, params["decoder"], rng_key, 64, latent_dim=c.latent_dim,
+                                   prior_scale=c.prior_scale, likelihood=run.model.likelihood)
+    return plotting.image_grid(np.asarray(images), 8) / 255.0
 
 
 def sample_metrics(run: loop.Run, params, rng_key: jax.Array) -> dict:
@@ -128,7 +144,8 @@ def train_and_evaluate(config: Config, workdir: str,
         run, [group], [loop.init_state(keys.init, run.model, run.image_shape, config.latent_dim)],
         [loop.Member({}, keys)], log_file="metrics.jsonl", config_file=("config.json", config.to_json()),
         fd_monitor=fd_monitor, on_log=None if on_log is None else (lambda step, rows: on_log(step, rows[0])),
-        on_checkpoint=lambda step: _write_samples(run, trainer.states[0].params, keys.sample, step))
+        on_checkpoint=lambda step: _write_samples(run, trainer.states[0].params, keys.sample, step),
+        fd_images=lambda params, key: prior_grid(run, params, key))
     trainer.fit()
 
     params = trainer.member_params(0)  # on one local device: evaluation is not sharded
@@ -138,9 +155,11 @@ def train_and_evaluate(config: Config, workdir: str,
     if config.eval_samples:
         summary.update(sample_metrics(run, params, jax.random.fold_in(keys.sample, 1)))
     if distributed.is_primary():
-        plotting.plot_curves(logs.read_metrics(os.path.join(workdir, "metrics.jsonl")),
-                             os.path.join(workdir, "curves.png"))
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        with logs.atomic_path(os.path.join(workdir, "curves.png")) as tmp:
+            plotting.plot_curves(logs.read_metrics(os.path.join(workdir, "metrics.jsonl")), tmp)
+        tensorboard = writers.TensorBoardWriter(os.path.join(workdir, "tensorboard"))
+        tensorboard.write_scalars(trainer.step, {f"test/{k}": v for k, v in summary.items()})
+        tensorboard.close()
+        logs.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
     logging.info("done: %s", summary)
     return summary

@@ -26,7 +26,6 @@ import time
 
 import chex
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from lpc_jax.data import sources
@@ -131,11 +130,11 @@ def jsonl(path):
 
 
 def final_arrays(workdir, item):
-    """The newest checkpoint's arrays (restored without a template)."""
+    """The newest checkpoint's arrays (and a sweep's record), restored without a template onto this
+    process's one device: the launchers trained on one device per core."""
     with checkpoints.Checkpointer(workdir) as ckpt:
-        step = ckpt.latest_step()
-    assert step == STEPS
-    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), item))
+        assert ckpt.latest_step() == STEPS
+        return ckpt.restore(with_meta=item == "state")
 
 
 def assert_same_run(got, want, log_name, result_name, item):
@@ -160,6 +159,20 @@ def test_kill_9_at_random_moments_then_rerun_equals_an_uninterrupted_run(env, re
     print("kills:", kills)
     assert len(kills) >= 5 and any(m == "saving" for m, _, _ in kills), kills
     assert_same_run(workdir, reference, "metrics.jsonl", "summary.json", "default")
+
+
+def test_evaluate_reads_a_run_trained_on_other_devices(env, reference, tmp_path):
+    """README's evaluate command after command 1: the run trained on one device per core, evaluate
+    runs in a process with one device."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    out = run_to_end([sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}", "--num_samples=200",
+                      "--iwae_examples=2", "--iwae_samples=10"],
+                     {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    with open(os.path.join(workdir, "eval.json")) as f:
+        result = json.load(f)
+    assert result["workdir"] == os.path.abspath(workdir), result
+    assert f"step {STEPS}" in out.stdout, out.stdout[-2000:]
 
 
 def test_kill_9_a_sweep_at_random_moments_then_rerun_equals_an_uninterrupted_sweep(env, tmp_path):

@@ -228,19 +228,19 @@ def test_sweep_resumes_bitwise_after_an_interrupt(model, straight_sweep, tmp_pat
         if step == 4:  # a log step (log_every=2) that is no checkpoint step (checkpoint_every=500)
             raise KeyboardInterrupt
 
-    finite, calls = loop.members_finite, []
+    fetch, calls = loop.fetch, []
 
-    def interrupted(params, metrics, *, stacked):  # Ctrl-C while step 4's donated result is checked
+    def interrupted(tree):  # Ctrl-C while the host fetches step 4's check (steps 1, 2, 3, 4 fetched)
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return finite(params, metrics, stacked=stacked)
+        return fetch(tree)
 
     if where == "during_step":
-        monkeypatch.setattr(loop, "members_finite", interrupted)
+        monkeypatch.setattr(loop, "fetch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(on_log=on_log if where == "on_log" else None)
-    monkeypatch.setattr(loop, "members_finite", finite)
+    monkeypatch.setattr(loop, "fetch", fetch)
     with checkpoints.Checkpointer(str(tmp_path)) as ckpt:
         assert ckpt.latest_step() == 4  # saved on the way out
     assert not (tmp_path / "sweep_results.json").exists()

@@ -206,22 +206,23 @@ def test_interrupt_in_on_log_saves_and_resumes(straight, tmp_path):
 def test_interrupt_during_a_step_saves_and_resumes(straight, tmp_path, monkeypatch):
     # Ctrl-C usually lands while the host waits for a step's result, i.e. after
     # the step was dispatched with the old state's buffers donated. Simulate it
-    # by raising from the finiteness check of step 3, with no checkpoint yet.
+    # by raising from the host's fetch of step 3's check (log_every=1: each step is
+    # fetched at once), with no checkpoint yet.
     workdir = str(tmp_path)
     config = dataclasses.replace(BASE, checkpoint_every=STEPS)
     calls = []
-    finite = loop.members_finite
+    fetch = loop.fetch
 
-    def interrupted(params, metrics, *, stacked):
+    def interrupted(tree):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return finite(params, metrics, stacked=stacked)
+        return fetch(tree)
 
-    monkeypatch.setattr(loop, "members_finite", interrupted)
+    monkeypatch.setattr(loop, "fetch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, workdir)
-    monkeypatch.setattr(loop, "members_finite", finite)
+    monkeypatch.setattr(loop, "fetch", fetch)
     assert _latest_step(workdir) == 3  # step 3 had finished; its result was kept
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
     train.train_and_evaluate(config, workdir)
