@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from lpc_jax.evaluation import bounds
 from lpc_jax.model import networks, steps
 from lpc_jax.model.state import create_train_state
 from lpc_jax.runtime import distributed
@@ -212,3 +213,28 @@ def test_sharded_chain_all_reduces_after_its_loop_only(platform):
     reduces = [m.start() for m in re.finditer(r"stablehlo\.all_reduce", main)]
     assert reduces and all(r > loop[1] for r in reduces), (loop, reduces)
     assert op_counts(split_by_loop(text)[0])["all_reduce"] == 0
+
+
+def _precisions(text: str) -> collections.Counter:
+    """The ``precision_config`` entries of the program's dot_generals and convolutions."""
+    pretty = [p for pair in re.findall(r"precision = \[(\w+), (\w+)\]", text) for p in pair]  # dot_general
+    return collections.Counter(re.findall(r"#stablehlo<precision (\w+)>", text) + pretty)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_bounds_run_at_highest_precision_and_training_at_the_default(platform):
+    """Under a "default" precision setting (tests/conftest.py sets "highest" for the
+    suite), the test ELBO and the IWAE bound still run every matmul and convolution at
+    HIGHEST; the train step stays at the default (TF32 / bf16 passes on GPU/TPU)."""
+    config, model, state = _setup()
+    key = jax.random.key(1)
+    with jax.default_matmul_precision("default"):
+        elbo = jax.export.export(bounds._elbo_batch, platforms=[platform])(state.params, _x(), key, model=model)
+        iwae = jax.export.export(bounds._iwae_batch, platforms=[platform])(
+            state.params, _x(), key, model=model, num_samples=4, chunk_size=2)
+        train = _export(build.make_train_step(config, model), (state, _x(), key, langevin.hparams(0.1, 0.9)),
+                        platform)
+    for text in (elbo.mlir_module(), iwae.mlir_module()):
+        ops = op_counts(text)
+        assert _precisions(text) == {"HIGHEST": 2 * (ops["dot_general"] + ops["convolution"])}
+    assert "HIGHEST" not in _precisions(train)
