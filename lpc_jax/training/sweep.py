@@ -42,7 +42,8 @@ another inside the same program (``lax.map``): each member runs exactly the
 single-run computation (results bitwise equal to separate runs in the tests),
 one dispatch per SGD step for all members, cost K single steps on one device.
 Batching members wins nothing on a CPU; vmap may pay off on an accelerator.
-``mode="auto"`` (the default) picks vmap on GPU/TPU and map on CPU (for the platform the program is lowered for). What does
+``mode="auto"`` (the default) picks vmap on GPU/TPU and map on CPU, for the
+platform the program is lowered for (``lax.platform_dependent``). What does
 pay on a small CPU is running members concurrently, one JAX device per core
 (``experiments.sweep --cpu_devices``, ``distributed.set_cpu_devices``; below).
 Measured speeds: ``python -m benchmarks.chain`` and ``benchmarks/RESULTS.md``.
