@@ -86,17 +86,20 @@ def absl_main(main_fn: Callable[[], None]) -> Callable[[Sequence[str]], None]:
 def init_distributed(config: Config) -> None:
     """Joins a multi-process run (``--coordinator_address``, ``--num_processes``, ``--process_id``)
     before anything touches a device; a bad setting or an unreachable coordinator exits with
-    ``error: ...``. One process (the default) does nothing here and uses all its local devices."""
+    ``error: ...``. One process (the default) does nothing here and uses all its local devices.
+    Then logs the devices, with a warning when a GPU is present but JAX runs on the CPU."""
     try:
         distributed.initialize_from_config(config)
     except (ValueError, TimeoutError) as e:
         exit_with_error(e)
+    distributed.check_accelerator_used()  # logs the devices; warns if a GPU sits unused
 
 
 def train_and_report() -> None:
     """The dataset launchers' main: ``train.train_and_evaluate`` under the flags; prints the result."""
     config = parse_config()
-    # before anything touches a device; --cpu_devices >= 0 is checked by its flag
+    # before anything touches a device; --cpu_devices >= 0 is checked by its flag; applied
+    # only when JAX will run on the CPU (distributed.expected_platform)
     distributed.set_cpu_devices(distributed.cpu_devices_for(FLAGS.cpu_devices, config.batch_size,
                                                             config.num_processes))
     init_distributed(config)

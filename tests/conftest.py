@@ -2,6 +2,11 @@ import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The suite compares with exact and float64 references at float32 tolerances (1e-5 to
+# 2e-4): run every matmul and convolution at full float32, as on the CPU, also where the
+# default is TF32 (NVIDIA GPUs) or bf16 passes (TPUs). A test of the default precision
+# sets its own (``with jax.default_matmul_precision("default")``).
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture

@@ -57,7 +57,9 @@ batch these convolutions into grouped convolutions (``feature_group_count``),
 which XLA:CPU runs at about half the speed of separate ones; on CPU the building
 blocks therefore carry ``custom_vmap`` rules: shared weights fold the vmapped axis
 into the batch, per-member weights loop (``lax.map``) over the members. Other
-backends keep JAX's default rule.
+platforms keep JAX's default rule (``lax.platform_dependent``: the platform the
+program is lowered for decides). Which platforms use these layers at all:
+:mod:`lpc_jax.model.convolutions`.
 
 Timings (plain flax layers against these, standalone and inside a rolled scan)
 are in ``benchmarks/RESULTS.md``; ``python -m benchmarks.layers`` measures them.
@@ -263,7 +265,8 @@ def _fold_or_loop(fn, fold_ok: bool):
     sweep; the kernel gradient): on CPU a ``lax.map`` over the members, each step a
     canonical conv; JAX's default rule would emit one grouped conv
     (``feature_group_count``), which XLA:CPU runs at about half the speed of the
-    separate convs. Other backends keep the default rule.
+    separate convs. Other platforms keep the default rule; the choice is
+    ``lax.platform_dependent``, i.e. made for the platform the program is lowered for.
     """
     f = jax.custom_batching.custom_vmap(fn)
 
@@ -273,13 +276,17 @@ def _fold_or_loop(fn, fold_ok: bool):
         if fold_ok and xb and not wb:
             y = f(x.reshape((-1,) + x.shape[2:]), w)
             return y.reshape((axis_size, -1) + y.shape[1:]), True
-        if jax.default_backend() != "cpu":
-            return jax.vmap(fn, in_axes=(0 if xb else None, 0 if wb else None))(x, w), True
-        if not xb:
-            return lax.map(lambda w: f(x, w), w), True
-        if not wb:
-            return lax.map(lambda x: f(x, w), x), True
-        return lax.map(lambda xw: f(*xw), (x, w)), True
+        in_axes = (0 if xb else None, 0 if wb else None)
+
+        def looped(x, w):
+            if not xb:
+                return lax.map(lambda w: f(x, w), w)
+            if not wb:
+                return lax.map(lambda x: f(x, w), x)
+            return lax.map(lambda xw: f(*xw), (x, w))
+
+        # The platform the program is lowered for (not the host's default backend).
+        return lax.platform_dependent(x, w, cpu=looped, default=jax.vmap(fn, in_axes=in_axes)), True
 
     return f
 

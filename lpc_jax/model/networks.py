@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpc_jax.model import layers, likelihoods
+from lpc_jax.model import convolutions, likelihoods
 
 Array = jax.Array
 
@@ -76,6 +76,10 @@ class Decoder(nn.Module):
       image_shape: (H, W, C), one of 64x64, 32x32, 28x28.
       obs_scale: fixed likelihood scale, or None to learn ``log_scale`` per channel.
       init_obs_scale: initial value of the learned scale.
+      conv_impl: the transposed convolutions' implementation, one of
+        ``convolutions.CONV_IMPLS`` (``"auto"``: the CPU-tuned layers on CPU, XLA's own
+        on GPU/TPU, by the platform the program is lowered for); every choice has
+        the same parameters.
 
     Call: ``z`` (B, latent_dim) float32 -> ``(mean, log_scale)``, mean (B, H, W, C)
     (logits for the Bernoulli likelihood), log_scale (1, 1, 1, C).
@@ -84,14 +88,16 @@ class Decoder(nn.Module):
     image_shape: Sequence[int]
     obs_scale: float | None = None
     init_obs_scale: float = 0.1
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, z: Array) -> tuple[Array, Array]:
+        convolutions.check_impl(self.conv_impl)
         h = nn.silu(nn.Dense(256)(z))
         h = h[:, None, None, :]
         specs = _decoder_layers(self.image_shape)
         for i, (features, kernel, stride, padding) in enumerate(specs):
-            h = layers.ConvTranspose(features, kernel, stride, padding)(h)
+            h = convolutions.ConvTranspose(features, kernel, stride, padding, self.conv_impl)(h)
             if i < len(specs) - 1:
                 h = nn.silu(h)
         c = self.image_shape[-1]
@@ -106,17 +112,20 @@ class Encoder(nn.Module):
     """Warm-start / encoder network q(z | x; phi), Table 2 (right column).
 
     Call: ``x`` (B, H, W, C) in [-1, 1] -> ``(mean, variance)``, each (B, latent_dim);
-    the variance is ``softplus_beta(raw, 0.3)`` (strictly positive).
+    the variance is ``softplus_beta(raw, 0.3)`` (strictly positive). ``conv_impl`` as
+    in :class:`Decoder`.
     """
 
     image_shape: Sequence[int]
     latent_dim: int = 40
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, Array]:
+        convolutions.check_impl(self.conv_impl)
         h = x
         for features, kernel, stride, padding in _encoder_layers(self.image_shape):
-            h = nn.silu(layers.Conv(features, kernel, stride, padding)(h))
+            h = nn.silu(convolutions.Conv(features, kernel, stride, padding, self.conv_impl)(h))
         h = h.reshape(h.shape[0], -1)
         out = nn.Dense(2 * self.latent_dim)(h)
         mean, raw = jnp.split(out, 2, axis=-1)

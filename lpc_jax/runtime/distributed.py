@@ -36,7 +36,10 @@ a global batch not divisible by the device count, a process id outside
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
+import shutil
 import socket
 import time
 from typing import Any, NamedTuple
@@ -132,7 +135,48 @@ def set_cpu_devices(count: int) -> None:
     """
     if count < 1:
         raise ValueError(f"cpu_devices={count} is invalid: must be >= 1 (1 = the whole CPU as one device)")
+    platform = expected_platform()
+    if platform != "cpu":
+        logging.info("cpu_devices=%d not applied: JAX is set to run on %s", count, platform)
+        return
     jax.config.update("jax_num_cpu_devices", int(count))
+
+
+_ACCELERATORS = ("cuda", "rocm", "tpu")
+
+
+def expected_platform() -> str:
+    """The platform JAX will run on, without starting a backend: the first entry of
+    ``JAX_PLATFORMS`` / ``jax_platforms`` if set, else the first installed accelerator
+    plugin (``jax_plugins`` entry points: ``jax[cuda12]``, ``jax[tpu]``'s libtpu), else
+    ``"cpu"``. A plugin that then fails to load leaves JAX on the CPU:
+    :func:`check_accelerator_used` warns about that once the backend runs."""
+    chosen = (jax.config.jax_platforms or "").split(",")[0].strip().lower()
+    if chosen:
+        return "cuda" if chosen == "gpu" else chosen
+    names = {ep.name.lower() for ep in importlib.metadata.entry_points(group="jax_plugins")}
+    if importlib.util.find_spec("libtpu") is not None:
+        names.add("tpu")
+    return next((a for a in _ACCELERATORS if any(a in n for n in names)), "cpu")
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU on this machine: ``nvidia-smi`` on PATH or ``/dev/nvidia0``."""
+    return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidia0")
+
+
+def check_accelerator_used() -> str:
+    """Logs this run's devices (:func:`describe`); warns when a GPU is present but JAX
+    runs on the CPU (no ``jax[cuda12]`` installed, or its plugin failed to load).
+    Returns the warning, or "" when there is none."""
+    logging.info("JAX devices: %s", describe())
+    if jax.default_backend() != "cpu" or not gpu_present():
+        return ""
+    message = ("a GPU is present (nvidia-smi / /dev/nvidia0) but JAX runs on the CPU: install "
+               "`pip install -e .[cuda12]` (jax[cuda12] at the pinned jax version), or see why the CUDA "
+               "plugin did not load (JAX_PLATFORMS=cuda makes that an error)")
+    logging.warning(message)
+    return message
 
 
 def cpu_devices_for(requested: int, batch_size: int | None = None, num_processes: int = 1,
@@ -342,5 +386,5 @@ def describe() -> str:
 
 
 __all__ = ["AXIS", "AUTO", "CoordinatorUnreachableError", "Placement", "check_process_args", "data_parallel",
-           "cpu_devices_for", "describe", "initialize", "initialize_from_config", "is_primary", "local_copy",
+           "check_accelerator_used", "cpu_devices_for", "describe", "expected_platform", "gpu_present", "initialize", "initialize_from_config", "is_primary", "local_copy",
            "member_devices", "member_parallel", "mesh", "wait_for_coordinator"]

@@ -18,10 +18,15 @@ from lpc_jax.training.config import Config
 
 
 def build_model(config: Config) -> Model:
-    """The networks of ``config.dataset``'s image shape (Table 2), the log joint and Adam."""
+    """The networks of ``config.dataset``'s image shape (Table 2), the log joint and Adam.
+
+    ``config.conv_impl`` picks the networks' convolutions (``model.convolutions``); the
+    parameter tree is the same for every choice, so a checkpoint moves between them.
+    """
     shape = sources.image_shape(config.dataset, config.image_size or None)
-    decoder = networks.Decoder(shape, obs_scale=config.obs_scale or None, init_obs_scale=config.init_obs_scale)
-    encoder = networks.Encoder(shape, latent_dim=config.latent_dim)
+    decoder = networks.Decoder(shape, obs_scale=config.obs_scale or None, init_obs_scale=config.init_obs_scale,
+                               conv_impl=config.conv_impl)
+    encoder = networks.Encoder(shape, latent_dim=config.latent_dim, conv_impl=config.conv_impl)
     log_joint = networks.make_log_joint(decoder, config.likelihood, config.prior_scale)
     return Model(decoder, encoder, log_joint, optax.adam(learning_rate(config)), config.likelihood)
 

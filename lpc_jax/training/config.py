@@ -14,7 +14,7 @@ import os
 from typing import Any, Callable, Sequence
 
 from lpc_jax.data import sources
-from lpc_jax.model import chain, likelihoods, objectives
+from lpc_jax.model import chain, convolutions, likelihoods, objectives
 from lpc_jax.sampling import preconditioner, samplers
 
 ALGORITHMS = ("lpc", "vae")
@@ -166,6 +166,12 @@ class Config:
     prior_scale: float = _field(1.0, "Standard deviation s of the N(0, s^2 I) prior.", check=_finite_positive,
                                 need=_POSITIVE)
     # Bookkeeping.
+    # Convolution implementation (issue 24): the networks' parameters are the same for all three.
+    conv_impl: str = _field(
+        "auto", "Convolutions of the encoder and decoder: tuned (custom VJPs fast on XLA:CPU), xla (XLA's "
+        "own, for GPU/TPU) or auto (tuned on CPU, xla elsewhere: by the platform the step is compiled for).",
+        choices=convolutions.CONV_IMPLS)
+
     seed: int = _field(0, "Random seed (parameters, data order, chains).")
     log_every: int = _field(50, "Log metrics every N steps.", check=_at_least(1), need="must be >= 1")
     checkpoint_every: int = _field(500, "Checkpoint (and refresh samples.png) every N steps.",

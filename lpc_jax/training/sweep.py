@@ -42,7 +42,8 @@ another inside the same program (``lax.map``): each member runs exactly the
 single-run computation (results bitwise equal to separate runs in the tests),
 one dispatch per SGD step for all members, cost K single steps on one device.
 Batching members wins nothing on a CPU; vmap may pay off on an accelerator.
-``mode="auto"`` (the default) picks vmap on GPU/TPU and map on CPU. What does
+``mode="auto"`` (the default) picks vmap on GPU/TPU and map on CPU, for the
+platform the program is lowered for (``lax.platform_dependent``). What does
 pay on a small CPU is running members concurrently, one JAX device per core
 (``experiments.sweep --cpu_devices``, ``distributed.set_cpu_devices``; below).
 Measured speeds: ``python -m benchmarks.chain`` and ``benchmarks/RESULTS.md``.
@@ -125,6 +126,11 @@ def init_sweep(rng_keys: Array, model: Model, image_shape, latent_dim: int) -> T
 def resolve_mode(mode: str, backend: str | None = None) -> str:
     """``"auto"`` -> ``"vmap"`` on GPU/TPU, ``"map"`` on CPU; ``"vmap"``/``"map"`` as given.
 
+    ``backend``: the platform (``"cpu"``, ``"gpu"``/``"cuda"``, ``"tpu"``); None: this
+    host's default backend, for reports. The step itself does not use this:
+    :func:`make_sweep_step` resolves ``"auto"`` by ``lax.platform_dependent``, for the
+    platform the program is lowered for.
+
     Raises:
       ValueError: a mode not in ``MODES``.
     """
@@ -144,7 +150,7 @@ def make_sweep_step(config: Config, model: Model, *, precondition: bool | None =
       model: networks and optimiser (static), shared by all members.
       precondition: overrides ``config.preconditioner`` (static).
       mode: ``"vmap"`` (batched members), ``"map"`` (``lax.map``, one member at a time)
-        or ``"auto"`` (:func:`resolve_mode`).
+        or ``"auto"`` (map on CPU, vmap elsewhere, by ``lax.platform_dependent``).
       mesh: a 1-D mesh (``distributed.mesh``): the member axis is split over its
         devices with ``jax.shard_map`` (K must be a multiple of its size), each
         device running its K / size members by ``mode``; a device with one member
@@ -159,15 +165,19 @@ def make_sweep_step(config: Config, model: Model, *, precondition: bool | None =
     """
     if config.algorithm != "lpc":
         raise ValueError(f"--algorithm={config.algorithm!r}: a Langevin sweep needs --algorithm=lpc")
-    mode = resolve_mode(mode)
+    resolve_mode(mode, "cpu")  # checks the name
     if precondition is not None:
         config = dataclasses.replace(config, preconditioner=bool(precondition))
     single = build.make_train_step(config, model)
-    if mode == "vmap":
-        step = jax.vmap(single, in_axes=(0, None, 0, 0))
-    else:
-        def step(states, x, rng_keys, hparams):
-            return jax.lax.map(lambda a: single(a[0], x, a[1], a[2]), (states, rng_keys, hparams))
+    vmapped = jax.vmap(single, in_axes=(0, None, 0, 0))
+
+    def mapped(states, x, rng_keys, hparams):
+        return jax.lax.map(lambda a: single(a[0], x, a[1], a[2]), (states, rng_keys, hparams))
+
+    def auto(*args):  # the platform the program is lowered for decides, not this host
+        return jax.lax.platform_dependent(*args, cpu=mapped, default=vmapped)
+
+    step = {"vmap": vmapped, "map": mapped, "auto": auto}[mode]
     if mesh is None:
         return step
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import re
-import types
 
 import chex
 import jax
@@ -183,19 +182,6 @@ def _decoder_chain(decoder, x, steps):
     return jax.jit(chain)
 
 
-def _as_reference_tree(params):
-    """Decoder params of these layers -> the names and nesting the reference layers use."""
-    out = {}
-    for name, leaf in params.items():
-        if name.startswith("ConvTranspose_"):
-            out[name.replace("ConvTranspose", "ConvTransposeReference")] = {"ConvTranspose_0": leaf}
-        elif name.startswith("Conv_"):
-            out[name.replace("Conv", "ConvReference")] = {"Conv_0": leaf}
-        else:
-            out[name] = leaf
-    return out
-
-
 def _numpy_init(module, rng, *args):
     """``module.init``'s parameter tree filled with numpy draws (kernels ~ N(0, 1 / fan_in))."""
     shapes = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
@@ -222,14 +208,15 @@ def chain_28():
     return compiled, shape, x, params, z
 
 
-def test_decoder_chain_in_scan_matches_reference(chain_28, monkeypatch):
+def test_decoder_chain_in_scan_matches_reference(chain_28):
+    """The tuned decoder's rolled chain against the same decoder on XLA's own
+    convolutions (``conv_impl="xla"``: flax's ``nn.ConvTranspose``, same parameters)."""
     compiled, shape, x, params, z = chain_28
     z_new, acc_new = compiled(params, z)
-    monkeypatch.setattr(networks, "layers", types.SimpleNamespace(
-        Conv=layers.ConvReference, ConvTranspose=layers.ConvTransposeReference))
-    z_ref, acc_ref = _run_quickly(_decoder_chain(networks.Decoder(shape), x, steps=3), _as_reference_tree(params), z)
+    with jax.default_matmul_precision("highest"):
+        z_ref, acc_ref = _run_quickly(_decoder_chain(networks.Decoder(shape, conv_impl="xla"), x, steps=3), params, z)
     _assert_close(z_new, z_ref, tol=1e-4)
-    _assert_close(_as_reference_tree(acc_new), acc_ref, tol=1e-4)
+    _assert_close(acc_new, acc_ref, tol=1e-4)
 
 
 _SLOW_CONV = re.compile(r"outer_dimension_partitions|rhs_reversal|lhs_dilate|rhs_dilate")
@@ -256,11 +243,22 @@ def test_scan_body_has_only_canonical_convolutions(chain_28):
     assert not bad, "\n".join(bad)
 
 
-def test_vmap_rule_off_cpu(monkeypatch):
-    """On other backends the layers keep JAX's default batching (grouped convolutions);
-    exercised here by pretending the backend is not the CPU."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    test_vmap("conv", (64, 3, 2, 1), (2, 3, 3, 64))
+@pytest.mark.parametrize("platform, loops, grouped", [("cpu", True, False), ("cuda", False, True),
+                                                     ("tpu", False, True)])
+def test_vmap_rule_follows_the_lowering_platform(platform, loops, grouped):
+    """Per-member weights under vmap: a loop over the members on CPU; JAX's grouped
+    convolutions on GPU/TPU, decided for the platform the program is exported for (the
+    old rule asked the host's ``jax.default_backend()``: exported for cuda from a CPU
+    host it looped)."""
+    kind, spec, x_shape = "conv", (64, 3, 2, 1), (2, 6, 6, 64)
+    x, params, cot = _inputs(kind, spec, x_shape)
+    vparams = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), params)
+    _, _, apply_new, _ = _appliers(kind, spec)
+    grads = jax.vmap(lambda p, x, c: jax.vjp(apply_new, p, x)[1](c))  # members: weights, inputs, cotangents
+    args = vparams, jnp.stack([x, -x]), jnp.stack([cot, 2 * cot])
+    text = jax.export.export(jax.jit(grads), platforms=[platform])(*args).mlir_module()
+    assert ("stablehlo.while" in text) == loops
+    assert bool(re.search(r"(?:feature|batch)_group_count = [2-9]", text)) == grouped
 
 
 @pytest.mark.parametrize("s,k,u,v", [

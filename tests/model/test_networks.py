@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lpc_jax.model import likelihoods, networks
+from lpc_jax.model import convolutions, likelihoods, networks
 
 
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (64, 64, 3)])
@@ -109,3 +109,51 @@ def test_sample_prior_key_schedule_range_and_batching():
     assert networks.sample_prior(decoder, params, key, 0, latent_dim=40).shape == (0, 28, 28, 1)
     with pytest.raises(ValueError, match="num_samples >= 0 and batch_size >= 1"):
         networks.sample_prior(decoder, params, key, 4, latent_dim=40, batch_size=0)
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1)])  # every layer kind; 64x64's in test_layers, per layer
+def test_conv_impls_share_parameters_outputs_and_gradients(shape):
+    """The CPU-tuned layers, XLA's own and "auto" (tuned here, on the CPU): the same
+    parameter tree from the same key (a checkpoint moves between them), and the same
+    log joint, encoder outputs and gradients to float32 rounding."""
+    x = jnp.round(jax.random.uniform(jax.random.key(1), (2, *shape), minval=-1, maxval=1) * 127.5) / 127.5
+    z = jax.random.normal(jax.random.key(2), (2, 40))
+    cot = jax.random.normal(jax.random.key(3), (2, 40))
+    results = {}
+    for impl in convolutions.CONV_IMPLS:
+        decoder, encoder = networks.Decoder(shape, conv_impl=impl), networks.Encoder(shape, conv_impl=impl)
+        theta = decoder.init(jax.random.key(0), z)["params"]
+        phi = encoder.init(jax.random.key(0), x)["params"]
+        log_joint = networks.make_log_joint(decoder)
+
+        @jax.jit
+        def run(theta, phi):
+            value, grads = jax.value_and_grad(lambda t, z: log_joint(t, x, z).sum(), argnums=(0, 1))(theta, z)
+            enc, vjp = jax.vjp(lambda p, x: encoder.apply({"params": p}, x)[0], phi, x)
+            return value, grads, enc, vjp(cot)
+
+        with jax.default_matmul_precision("highest"):
+            results[impl] = (theta, phi), run(theta, phi)
+    (params, out), (params_xla, out_xla), (params_auto, out_auto) = (results[i] for i in ("tuned", "xla", "auto"))
+    chex.assert_trees_all_equal(params, params_xla, params_auto)
+    chex.assert_trees_all_equal(out, out_auto)  # auto is the tuned layers on the CPU
+    chex.assert_trees_all_close(out, out_xla, rtol=2e-5, atol=2e-5 * float(jnp.abs(out[0])))
+    for got, want in zip(jax.tree.leaves(out_xla[1:]), jax.tree.leaves(out[1:])):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_xla_convolutions_allow_forward_mode_autodiff():
+    decoder = networks.Decoder((28, 28, 1), conv_impl="xla")
+    z = jnp.ones((1, 40))
+    theta = decoder.init(jax.random.key(0), z)["params"]
+    mean, tangent = jax.jvp(lambda z: decoder.apply({"params": theta}, z)[0], (z,), (z,))
+    chex.assert_shape([mean, tangent], (1, 28, 28, 1))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda z: networks.Decoder((28, 28, 1), conv_impl="tuned").apply({"params": theta}, z)[0], (z,), (z,))
+
+
+def test_unknown_conv_impl_raises():
+    with pytest.raises(ValueError, match=r"conv_impl='cudnn' is invalid: choose one of \['auto', 'tuned', 'xla'\]"):
+        networks.Decoder((28, 28, 1), conv_impl="cudnn").init(jax.random.key(0), jnp.zeros((1, 40)))
+    with pytest.raises(ValueError, match="conv_impl='cudnn' is invalid"):
+        networks.Encoder((28, 28, 1), conv_impl="cudnn").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))

@@ -339,25 +339,6 @@ def test_sweep_members_on_devices_equal_separate_runs(k, four_devices):
         assert_close(got, _separate_run(step_size), 1e-6, 1e-7)
 
 
-def test_one_member_per_device_has_no_grouped_convolutions(monkeypatch):
-    """On an accelerator the layers keep JAX's vmap rule (grouped convolutions); a
-    sweep with one member per device must not vmap at all. Checked on the lowered
-    program with the backend reported as GPU and a one-device mesh, K = 1 and 2."""
-    import re
-
-    config = Config(num_steps=1, batch_size=2)
-    model = build.build_model(config)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    counts = {}
-    for k in (1, 2):
-        states = sweep.init_sweep(jax.random.split(jax.random.key(0), k), model, (28, 28, 1), config.latent_dim)
-        step = sweep.make_sweep_step(config, model, mode="vmap", mesh=distributed.mesh(1))
-        text = jax.jit(step).lower(states, jnp.zeros((2, 28, 28, 1)), jax.random.split(jax.random.key(1), k),
-                                   langevin.stack_hparams([0.1] * k, [0.5] * k)).as_text()
-        counts[k] = sum(int(n) > 1 for n in re.findall(r"(?:feature|batch)_group_count = (\d+)", text))
-    assert counts[1] == 0 and counts[2] > 0, counts
-
-
 def test_auto_mode():
     assert sweep.resolve_mode("auto", "cpu") == "map"
     assert sweep.resolve_mode("auto", "gpu") == sweep.resolve_mode("auto", "tpu") == "vmap"
