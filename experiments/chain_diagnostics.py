@@ -97,7 +97,8 @@ def _write_figures(out_dir: str, curves: dict, paths: dict, rhats: dict, title: 
 
 def _load_images(config: Config) -> jax.Array:
     n = max(FLAGS.num_images, FLAGS.trajectory_images, FLAGS.rhat_images)
-    ds = sources.load(config.dataset, "test", config.data_source, config.data_dir, max_examples=n)
+    ds = sources.load(config.dataset, "test", config.data_source, config.data_dir, max_examples=n,
+                      image_size=config.image_size or None)
     return jnp.asarray(sources.to_float(ds.images[:n]))
 
 

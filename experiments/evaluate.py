@@ -113,7 +113,8 @@ def _evaluate() -> None:
               + (f", AIS K={FLAGS.ais_steps} x {FLAGS.ais_chains} chains on {FLAGS.ais_examples} images"
                  if FLAGS.ais_steps > 0 else ""),
               flush=True)
-        test_images = sources.load(config.dataset, "test", config.data_source, config.data_dir).images
+        test_images = sources.load(config.dataset, "test", config.data_source, config.data_dir,
+                                   image_size=config.image_size or None).images
         options = evaluators.EvalOptions(
             inception_weights=FLAGS.inception_weights, iwae_samples=FLAGS.iwae_samples,
             iwae_examples=FLAGS.iwae_examples, elbo_examples=FLAGS.elbo_examples, kid_subsets=FLAGS.kid_subsets,

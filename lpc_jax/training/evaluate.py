@@ -52,7 +52,8 @@ def evaluate(config: Config, model: Model, state: TrainState, *, rng_key: jax.Ar
     t_start = time.time()
     k_sample, k_eval = jax.random.split(rng_key)
     if test_images is None:
-        test_images = sources.load(config.dataset, "test", config.data_source, config.data_dir).images
+        test_images = sources.load(config.dataset, "test", config.data_source, config.data_dir,
+                                   image_size=config.image_size or None).images
     timings = {"load_test_data": time.time() - t_start}
     names = default_evaluators(options) if evaluators is None else tuple(evaluators)
     t = time.time()

@@ -70,7 +70,7 @@ def load_run(workdir: str, step: int | None = None, *,
     # Abstract template (shapes and dtypes only): eager initialisation would compile
     # every layer op by op, which takes tens of seconds on a CPU.
     template = jax.eval_shape(lambda: create_train_state(
-        jax.random.key(0), model, sources.image_shape(config.dataset), config.latent_dim))
+        jax.random.key(0), model, sources.image_shape(config.dataset, config.image_size or None), config.latent_dim))
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with checkpoints.Checkpointer(workdir) as ckpt:
         try:
