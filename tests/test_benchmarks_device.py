@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # compiles about 17 programs: over a minute even on a quiet 2-core CPU
 def test_quick_prints_one_json_line_with_every_figure():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.device", "--quick"], cwd=REPO, capture_output=True,
                           text=True, timeout=1200)

@@ -9,13 +9,15 @@ non-finite step does (raise; record the member and go on) and the progress line.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from absl import logging
 
-if TYPE_CHECKING:
-    from lpc_jax.runtime import checkpoints
-    from lpc_jax.training.loop import Trainer
+from lpc_jax.runtime import checkpoints
+
+# The loop's Trainer, whose states, checkpointer and records these read and set (not
+# imported: the loop imports this module).
+Trainer = Any
 
 
 class DivergenceError(FloatingPointError):
@@ -27,13 +29,13 @@ class SingleRun:
 
     purpose = "train"  # the workdir lock's purpose
 
-    def restore(self, trainer: "Trainer", ckpt: checkpoints.Checkpointer) -> None:
+    def restore(self, trainer: Trainer, ckpt: checkpoints.Checkpointer) -> None:
         trainer.states = [ckpt.restore(trainer.states[0])]
 
-    def save(self, trainer: "Trainer", step: int) -> None:
+    def save(self, trainer: Trainer, step: int) -> None:
         trainer.ckpt.save(step, trainer.states[0])
 
-    def diverged(self, trainer: "Trainer", i: int, step: int, row: dict) -> None:
+    def diverged(self, trainer: Trainer, i: int, step: int, row: dict) -> None:
         raise DivergenceError(
             f"step {step} produced NaN/Inf (metrics: {row}). Training stopped; the last good checkpoint "
             f"({trainer.ckpt.latest_step()}) in {trainer.ckpt.directory} is untouched. "
@@ -48,15 +50,15 @@ class Sweep:
 
     purpose = "sweep"
 
-    def restore(self, trainer: "Trainer", ckpt: checkpoints.Checkpointer) -> None:
+    def restore(self, trainer: Trainer, ckpt: checkpoints.Checkpointer) -> None:
         states, meta = ckpt.restore(tuple(trainer.states), with_meta=True)
         trainer.states, trainer.diverged, trainer.last = list(states), meta["diverged_at_step"], meta["last"]
 
-    def save(self, trainer: "Trainer", step: int) -> None:
+    def save(self, trainer: Trainer, step: int) -> None:
         trainer.ckpt.save(step, tuple(trainer.states),
                           meta={"diverged_at_step": trainer.diverged, "last": trainer.last})
 
-    def diverged(self, trainer: "Trainer", i: int, step: int, row: dict) -> None:
+    def diverged(self, trainer: Trainer, i: int, step: int, row: dict) -> None:
         trainer.diverged[i] = step
         logging.warning("member %d %s diverged at step %d", i, trainer.members[i].label, step)
 

@@ -32,7 +32,7 @@ from lpc_jax.training.config import Config
 
 SHAPE = (28, 28, 1)
 BATCH = 4
-PLATFORMS = ("cuda", "tpu")
+PLATFORMS = ("cuda", pytest.param("tpu", marks=pytest.mark.slow))  # CI runs both (-m slow too)
 # The networks' Dense layers: decoder Dense(256) and encoder Dense(80), forward and
 # backward (input and kernel gradients). Nothing else in a step is a matmul.
 LPC_DOTS, VAE_DOTS, PRIOR_DOTS = 9, 6, 1
