@@ -58,7 +58,7 @@ def test_theta_grad_steps_partition_the_chain(k):
     np.testing.assert_array_equal(np.flatnonzero(masks[k - 1]) + 1, np.arange(k, T + 1, k))  # t = k, 2k, ...
 
 
-@pytest.mark.parametrize("k", [2, 3, 7])  # T = 5: k = 2, 3 do not divide T; k = 7 > T
+@pytest.mark.parametrize("k", [2, 3, pytest.param(7, marks=pytest.mark.slow)])  # T = 5: k = 2, 3 do not divide T; k = 7 > T
 def test_theta_grad_every_is_unbiased_over_the_phase(setup, k):
     # The expectation over the uniform phase, enumerated exactly, equals eq. 8's average (k = 1);
     # the chain, hence the encoder's gradient and every metric, does not depend on k.

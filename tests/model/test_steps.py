@@ -110,7 +110,7 @@ def jitted_grads(model, state, x, rng_key, hp, **kw):
     ("forward_kl", False, 0, 0, "tiny"),
     ("reverse_kl", True, 0, 0, "tiny"),
     ("none", False, 0, 0, "tiny"),
-    ("jeffreys", True, 60, 50, "paper"),  # Table 2 networks, 28x28x1
+    pytest.param("jeffreys", True, 60, 50, "paper", marks=pytest.mark.slow),  # Table 2 networks, 28x28x1 (-m slow)
 ])
 def test_accumulated_gradients_equal_python_loop(setup, paper_setup, warm_start, precondition, step, prior_init,
                                                  networks):
@@ -133,7 +133,7 @@ def test_accumulated_gradients_equal_python_loop(setup, paper_setup, warm_start,
 
 @pytest.mark.parametrize("theta_grad_every,phase,networks", [
     (2, 0, "tiny"), (3, 2, "tiny"), (5, 1, "tiny"),  # T = 4: 5 > T selects one step
-    (2, 1, "paper"),
+    pytest.param(2, 1, "paper", marks=pytest.mark.slow),
 ])
 def test_subsampled_decoder_gradient_equals_python_loop(setup, paper_setup, theta_grad_every, phase, networks):
     model, state, x = setup if networks == "tiny" else paper_setup

@@ -167,6 +167,7 @@ def test_four_devices_equal_one(one_device, four_devices):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # two real processes train; tests/runtime/test_topology.py moves runs between 1 and 2 processes by default
 def test_two_processes_equal_one(one_device, tmp_path):
     straight = str(tmp_path / "straight")
     out = _launch(2, processes=2, train=[[straight, 4]])

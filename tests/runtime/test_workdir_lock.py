@@ -183,6 +183,7 @@ def _launch(module, workdir, *flags):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # starts the launchers as processes; the lock itself is tested above
 def test_launchers_refuse_a_workdir_in_use(straight, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(straight[0], workdir)

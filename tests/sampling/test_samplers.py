@@ -265,7 +265,7 @@ def test_train_step_decoder_gradient_sums_the_samplers_own_chain(tiny, name):
         np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-5 * float(jnp.abs(e).max()))
 
 
-@pytest.mark.parametrize("name", ["mala", "underdamped"])
+@pytest.mark.parametrize("name", ["mala", pytest.param("underdamped", marks=pytest.mark.slow)])
 def test_train_step_memory_does_not_grow_with_chain_length(tiny, name):
     import functools
 
