@@ -8,7 +8,7 @@ Samplers (modules with ``init`` and ``build_kernel``; blackjax's interface)::
     lpc.mala          # Metropolis-adjusted Langevin
     lpc.underdamped   # kinetic (OBABO) Langevin
     lpc.samplers      # samplers.build(name, log_prob_fn, ...) picks one
-    lpc.preconditioner, lpc.diagnostics
+    lpc.preconditioner, lpc.warmup, lpc.diagnostics   # the adaptive metric, a fixed one, R-hat/ESS
 
 The model and its train steps: ``Decoder``, ``Encoder``, ``make_log_joint``,
 ``sample_prior``, ``Model``, ``TrainState``, ``create_train_state``,
@@ -18,6 +18,8 @@ denoise). Runs: ``Config``, ``build_model``, ``make_train_step``, ``train_and_ev
 ``test_elbo``, ``iwae_bound``, ``ais`` / ``ais_log_likelihood`` (annealed
 importance sampling, reverse AIS for BDMC), ``FDMonitor``. Data: ``load_dataset``,
 ``open_images``, ``image_shape``, ``to_float``, ``device_to_float``, ``DatasetNotFoundError``.
+Runs on disk: ``Checkpointer``, ``CheckpointError``, ``DivergenceError``, ``LogWriteError``,
+``MetricWriter``, ``JsonlWriter``, ``TensorBoardWriter``.
 
 Names load lazily, on first use, so ``import lpc_jax`` itself imports no JAX.
 
