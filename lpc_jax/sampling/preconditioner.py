@@ -112,5 +112,6 @@ def update(m: Array, drift: Array, count: Array, decay: Array, eps: Array,
     Returns:
       ``(m_t, G_t)``, each (B, D); G_t has units of 1 / drift.
     """
-    m = ema(m, drift * drift, decay)
+    # (1 - decay) * drift * drift in this order: the float32 rounding of the runs trained before.
+    m = decay * m + (1.0 - decay) * drift * drift
     return m, metric_of(m, count, decay, eps, form)
