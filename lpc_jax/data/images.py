@@ -126,15 +126,7 @@ class LazyImages:
         return out
 
     def _indices(self, key) -> np.ndarray:
-        if isinstance(key, slice):
-            return np.arange(*key.indices(len(self)))
-        indices = np.asarray(key)
-        if indices.dtype == bool or not np.issubdtype(indices.dtype, np.integer):
-            raise TypeError(f"{type(self).__name__} takes an int, a slice or an integer index array, not {key!r}")
-        indices = np.where(indices < 0, indices + len(self), indices)
-        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
-            raise IndexError(f"index out of range for {self!r}")
-        return indices
+        return row_indices(key, self)
 
     def __getitem__(self, key) -> np.ndarray:
         indices = self._indices(key)
@@ -143,3 +135,22 @@ class LazyImages:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         images = self[:]
         return images if dtype is None else images.astype(dtype)
+
+
+def row_indices(key, rows) -> np.ndarray:
+    """The row indices ``key`` (an int, a slice or an integer array, negatives from the end)
+    selects from ``rows`` (anything with ``len``), as an int array of ``key``'s shape.
+
+    Raises:
+      TypeError: ``key`` is a boolean or non-integer array.
+      IndexError: an index is outside ``[-len(rows), len(rows))``.
+    """
+    if isinstance(key, slice):
+        return np.arange(*key.indices(len(rows)))
+    indices = np.asarray(key)
+    if indices.dtype == bool or not np.issubdtype(indices.dtype, np.integer):
+        raise TypeError(f"{type(rows).__name__} takes an int, a slice or an integer index array, not {key!r}")
+    indices = np.where(indices < 0, indices + len(rows), indices)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(rows)):
+        raise IndexError(f"index out of range for {rows!r}")
+    return indices

@@ -32,7 +32,13 @@ import numpy as np
 
 from lpc_jax.data import cache as data_cache
 from lpc_jax.data import discover, folder
-from lpc_jax.data.images import Dataset, DatasetNotFoundError, LazyImages, celeba_crop
+from lpc_jax.data.images import (
+    Dataset,
+    DatasetNotFoundError,
+    LazyImages,
+    celeba_crop,
+    row_indices,
+)
 
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -199,15 +205,7 @@ class TfdsImages:
         return out, labels
 
     def _indices(self, key) -> np.ndarray:
-        if isinstance(key, slice):
-            return np.arange(*key.indices(len(self)))
-        indices = np.asarray(key)
-        if indices.dtype == bool or not np.issubdtype(indices.dtype, np.integer):
-            raise TypeError(f"TfdsImages takes an int, a slice or an integer index array, not {key!r}")
-        indices = np.where(indices < 0, indices + len(self), indices)
-        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
-            raise IndexError(f"index out of range for {self!r}")
-        return indices
+        return row_indices(key, self)
 
     def __getitem__(self, key) -> np.ndarray:
         indices = self._indices(key)
