@@ -12,7 +12,6 @@ forward estimate on data like the model's own. Writes ``RUN/bdmc.json`` and
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -25,6 +24,7 @@ from matplotlib.figure import Figure
 from experiments import launch
 from lpc_jax import plotting
 from lpc_jax.evaluation import ais
+from lpc_jax.runtime import logs
 from lpc_jax.training import restore
 
 flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/).")
@@ -94,8 +94,7 @@ def _run() -> None:
     result = {"workdir": os.path.abspath(FLAGS.workdir), "step": int(state.step), "num_images": FLAGS.num_images,
               "ais_chains": FLAGS.ais_chains, "seed": FLAGS.seed, "rows": rows, "wall_s": time.time() - t0}
     os.makedirs(outdir, exist_ok=True)
-    with open(os.path.join(outdir, "bdmc.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    logs.write_json(os.path.join(outdir, "bdmc.json"), result, indent=2)  # complete or absent
     print(f"wrote {os.path.join(outdir, 'bdmc.json')} and {_plot(rows, os.path.join(outdir, 'bdmc.png'))}")
 
 
