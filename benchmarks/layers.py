@@ -5,8 +5,9 @@ and per step inside a rolled ``lax.scan`` (the Langevin chain's shape of computa
     python -m benchmarks.layers --steps 20 --rounds 5
 
 Setting: ``networks.Decoder((28, 28, 1))``, batch 64, latent 40, discretised Gaussian
-(``networks.make_log_joint``). For each layer implementation ("reference": plain flax
-``nn.Conv`` / ``nn.ConvTranspose``, autodiff backward pass; "custom": ``lpc_jax.model.layers``):
+(``networks.make_log_joint``). For each layer implementation, passed to the decoder as its ``conv_impl``
+("reference": ``xla``, XLA's own convolutions with autodiff's backward pass, the layers
+GPU and TPU runs use; "custom": ``tuned``, ``lpc_jax.model.layers``' hand-written VJPs):
 
 * ``standalone``: one jitted ``grad`` of sum_b log p(x_b, z_b; theta) w.r.t. (theta, z);
 * ``scan``: ``lax.scan`` (rolled, ``unroll=1``) of ``--steps`` such gradients, the carry
@@ -25,69 +26,53 @@ reference / custom.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lpc_jax.model import layers, networks
+from lpc_jax.model import networks
 
-IMPLEMENTATIONS = {
-    "reference": types.SimpleNamespace(Conv=layers.ConvReference, ConvTranspose=layers.ConvTransposeReference),
-    "custom": types.SimpleNamespace(Conv=layers.Conv, ConvTranspose=layers.ConvTranspose),
-}
+# name -> the networks' conv_impl (model/convolutions.py), passed to networks.Decoder
+IMPLEMENTATIONS = {"reference": "xla", "custom": "tuned"}
 
 
-@contextlib.contextmanager
-def _layers_module(namespace):
-    """networks.py looks its layers up as ``layers.Conv`` / ``layers.ConvTranspose`` at trace time."""
-    saved = networks.layers
-    networks.layers = namespace
-    try:
-        yield
-    finally:
-        networks.layers = saved
-
-
-def _programs(namespace, batch: int, latent: int, steps: int, vmap: int = 0, seed: int = 0):
+def _programs(conv_impl: str, batch: int, latent: int, steps: int, vmap: int = 0, seed: int = 0):
     """Compiled programs (standalone grad, rolled scan[, vmapped / mapped scans]) and their
     arguments."""
     shape = (28, 28, 1)
     rng = np.random.default_rng(seed)
     x = jnp.asarray(np.round(rng.integers(0, 256, (batch,) + shape)) / 127.5 - 1.0, jnp.float32)
     z = jnp.asarray(rng.normal(size=(batch, latent)), jnp.float32)
-    with _layers_module(namespace):
-        decoder = networks.Decoder(shape)
-        params = decoder.init(jax.random.key(seed), z)["params"]
-        log_joint = networks.make_log_joint(decoder, "discretized_gaussian")
+    decoder = networks.Decoder(shape, conv_impl=conv_impl)
+    params = decoder.init(jax.random.key(seed), z)["params"]
+    log_joint = networks.make_log_joint(decoder, "discretized_gaussian")
 
-        def grad(params, z):
-            return jax.grad(lambda p, z: log_joint(p, x, z).sum(), argnums=(0, 1))(params, z)
+    def grad(params, z):
+        return jax.grad(lambda p, z: log_joint(p, x, z).sum(), argnums=(0, 1))(params, z)
 
-        def chain(params, z):
-            def body(carry, _):
-                z, acc = carry
-                g_params, g_z = grad(params, z)
-                return (z + 1e-4 * g_z, jax.tree.map(jnp.add, acc, g_params)), None
+    def chain(params, z):
+        def body(carry, _):
+            z, acc = carry
+            g_params, g_z = grad(params, z)
+            return (z + 1e-4 * g_z, jax.tree.map(jnp.add, acc, g_params)), None
 
-            init = (z, jax.tree.map(jnp.zeros_like, params))
-            return jax.lax.scan(body, init, None, length=steps)[0]
+        init = (z, jax.tree.map(jnp.zeros_like, params))
+        return jax.lax.scan(body, init, None, length=steps)[0]
 
-        out = {}
-        programs = [("standalone", grad, (params, z)), ("scan", chain, (params, z))]
-        if vmap:
-            stacked = jax.tree.map(lambda a: jnp.stack([a] * vmap), (params, z))
-            programs += [("scan_vmap", jax.vmap(chain), stacked),
-                         ("scan_map", lambda p, z: jax.lax.map(lambda pz: chain(*pz), (p, z)), stacked)]
-        for name, fn, fn_args in programs:
-            t0 = time.perf_counter()
-            out[name] = (jax.jit(fn).lower(*fn_args).compile(), fn_args)
-            out[name + "_compile_s"] = time.perf_counter() - t0
+    out = {}
+    programs = [("standalone", grad, (params, z)), ("scan", chain, (params, z))]
+    if vmap:
+        stacked = jax.tree.map(lambda a: jnp.stack([a] * vmap), (params, z))
+        programs += [("scan_vmap", jax.vmap(chain), stacked),
+                     ("scan_map", lambda p, z: jax.lax.map(lambda pz: chain(*pz), (p, z)), stacked)]
+    for name, fn, fn_args in programs:
+        t0 = time.perf_counter()
+        out[name] = (jax.jit(fn).lower(*fn_args).compile(), fn_args)
+        out[name + "_compile_s"] = time.perf_counter() - t0
     return out
 
 
@@ -112,8 +97,8 @@ def main(argv=None) -> dict:
 
     names = ("standalone", "scan") + (("scan_vmap", "scan_map") if args.vmap else ())
     progs = {}
-    for impl, namespace in IMPLEMENTATIONS.items():
-        progs[impl] = _programs(namespace, args.batch, args.latent, args.steps, args.vmap)
+    for impl, conv_impl in IMPLEMENTATIONS.items():
+        progs[impl] = _programs(conv_impl, args.batch, args.latent, args.steps, args.vmap)
         for name in names:
             jax.block_until_ready(progs[impl][name][0](*progs[impl][name][1]))  # warm up
 

@@ -22,7 +22,6 @@ autodiff works through them.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 from jax import lax
 
@@ -80,22 +79,13 @@ def _by_impl(tuned, xla, impl: str):
     return auto
 
 
-class _Layer(nn.Module):
+class _Layer(layers._Layer):  # noqa: SLF001  (the tuned layers' parameters and bias, by impl)
     """Table 2's ``(features, kernel, stride, padding)`` layer over ``_op``, by ``impl``."""
 
-    features: int
-    kernel: int = 4
-    stride: int = 2
-    padding: int = 1
     impl: str = "auto"
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        k = self.kernel
-        w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
-        b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        y = type(self)._op(x, w, self.stride, self.padding, self.impl)
-        return y + b.reshape((1,) * (y.ndim - 1) + b.shape)
+    def apply_kernel(self, x: Array, w: Array) -> Array:
+        return type(self)._op(x, w, self.stride, self.padding, self.impl)
 
 
 class Conv(_Layer):

@@ -383,19 +383,26 @@ def _add_bias(y: Array, b: Array) -> Array:
 
 
 class _Layer(nn.Module):
-    """Table 2's ``(features, kernel, stride, padding)`` layer over the function ``_op``."""
+    """Table 2's ``(features, kernel, stride, padding)`` layer over the function ``_op``.
+
+    Its parameters are ``kernel`` (k, k, in, features) and ``bias`` (features,); a
+    subclass changes how the kernel is applied by overriding :meth:`apply_kernel`.
+    """
 
     features: int
     kernel: int = 4
     stride: int = 2
     padding: int = 1
 
+    def apply_kernel(self, x: Array, w: Array) -> Array:
+        return type(self)._op(x, w, self.stride, self.padding)
+
     @nn.compact
     def __call__(self, x: Array) -> Array:
         k = self.kernel
         w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
         b = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return _add_bias(type(self)._op(x, w, self.stride, self.padding), b)
+        return _add_bias(self.apply_kernel(x, w), b)
 
 
 class Conv(_Layer):
