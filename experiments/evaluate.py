@@ -136,7 +136,8 @@ def _evaluate() -> None:
     except logs.LogWriteError as e:
         launch.exit_with_error(e)
 
-    skip = {"feature_extractors", "notes", "timings_s", "workdir", "samples_png", "ais_per_image_nats"}
+    skip = {"feature_extractors", "notes", "timings_s", "workdir", "samples_png", "ais_per_image_nats",
+            "iwae_per_image_nats"}
     for key, value in result.items():
         if key not in skip:
             print(f"  {key}: {_fmt(value)}")

@@ -118,7 +118,8 @@ def likelihood_metrics(params: Params, model: Model, real: np.ndarray, fake: np.
     Returns:
       ``iwae_log_likelihood_nats`` (+ ``_stderr_nats``), ``iwae_bits_per_dim``,
       ``iwae_samples``, ``iwae_examples``, ``elbo_on_iwae_examples_nats``,
-      ``iwae_minus_elbo_nats`` (when K > 0), ``test_elbo_nats``,
+      ``iwae_minus_elbo_nats``, ``iwae_per_image_nats`` (list, for pairing with
+      AIS on the same images; all when K > 0), ``test_elbo_nats``,
       ``test_elbo_bits_per_dim``, ``test_elbo_examples``.
     """
     del real, fake
@@ -137,6 +138,7 @@ def likelihood_metrics(params: Params, model: Model, real: np.ndarray, fake: np.
             "iwae_samples": int(iwae_samples), "iwae_examples": int(iw.shape[0]),
             "elbo_on_iwae_examples_nats": float(np.mean(elbo_same, dtype=np.float64)),
             "iwae_minus_elbo_nats": float(np.mean(iw - elbo_same, dtype=np.float64)),
+            "iwae_per_image_nats": [float(v) for v in iw],
         })
     elbo = bounds.test_elbo(params, model, images[:elbo_examples] if elbo_examples else images, k_elbo)
     out.update({"test_elbo_nats": elbo["test_elbo_nats"], "test_elbo_bits_per_dim": elbo["test_elbo_bits_per_dim"],

@@ -148,7 +148,8 @@ def make_sweep_step(config: Config, model: Model, *, precondition: bool | None =
     Args:
       config: run settings (T, warm start, ...); ``config.algorithm`` must be lpc.
       model: networks and optimiser (static), shared by all members.
-      precondition: overrides ``config.preconditioner`` (static).
+      precondition: overrides ``config.preconditioner`` (static); the result is
+        validated (``ConfigError`` for an Adam-style ``chain_metric`` with False).
       mode: ``"vmap"`` (batched members), ``"map"`` (``lax.map``, one member at a time)
         or ``"auto"`` (map on CPU, vmap elsewhere, by ``lax.platform_dependent``).
       mesh: a 1-D mesh (``distributed.mesh``): the member axis is split over its
@@ -167,7 +168,8 @@ def make_sweep_step(config: Config, model: Model, *, precondition: bool | None =
         raise ValueError(f"--algorithm={config.algorithm!r}: a Langevin sweep needs --algorithm=lpc")
     resolve_mode(mode, "cpu")  # checks the name
     if precondition is not None:
-        config = dataclasses.replace(config, preconditioner=bool(precondition))
+        # validated again: an Adam-style chain_metric with precondition=False is refused as in Config
+        config = dataclasses.replace(config, preconditioner=bool(precondition)).validate()
     single = build.make_train_step(config, model)
     vmapped = jax.vmap(single, in_axes=(0, None, 0, 0))
 

@@ -143,6 +143,9 @@ def test_evaluate_reports_every_metric(result, run_dir):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
     assert result["num_samples"] == result["num_real"] == 200
     assert result["iwae_samples"] == 64 and result["iwae_examples"] == 16
+    per_image = result["iwae_per_image_nats"]  # the mean above is the mean of these
+    assert len(per_image) == 16 and math.isclose(sum(per_image) / 16, result["iwae_log_likelihood_nats"],
+                                                 rel_tol=1e-9)
     assert result["test_elbo_examples"] == 64 and result["step"] == 4
     assert result["fd_fmnist"] > 0 and 0 <= result["coverage_fmnist"] <= 1 and result["density_fmnist"] >= 0
     assert result["iwae_bits_per_dim"] > 0 and result["test_elbo_bits_per_dim"] > 0
@@ -213,7 +216,7 @@ def test_feature_metrics_of_two_halves_of_the_test_set(test_images):
 
 CLASSIFIER_KEYS = {"fd_fmnist", "kid_fmnist", "kid_fmnist_std", "density_fmnist", "coverage_fmnist"}
 LIKELIHOOD_KEYS = {"iwae_log_likelihood_nats", "iwae_log_likelihood_stderr_nats", "iwae_bits_per_dim",
-                   "iwae_samples", "iwae_examples", "elbo_on_iwae_examples_nats", "iwae_minus_elbo_nats",
+                   "iwae_samples", "iwae_examples", "elbo_on_iwae_examples_nats", "iwae_minus_elbo_nats", "iwae_per_image_nats",
                    "test_elbo_nats", "test_elbo_bits_per_dim", "test_elbo_examples"}
 
 

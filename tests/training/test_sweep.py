@@ -293,6 +293,14 @@ def test_decays_need_the_preconditioner():
     assert [m["decay"] for m in sweep.resolve_members(CONFIG, [0.1], None)] == [CONFIG.decay]
 
 
+def test_sweep_step_revalidates_its_preconditioner_override(model):
+    # An explicit Adam-style metric with precondition=False contradicts itself, as in Config.
+    adam = dataclasses.replace(CONFIG, chain_metric="adam")
+    with pytest.raises(ValueError, match="chain_metric='adam' is invalid: an Adam-style metric contradicts"):
+        sweep.make_sweep_step(adam, model, precondition=False)
+    assert callable(sweep.make_sweep_step(adam, model, precondition=True))
+
+
 CLI_CASES = [
     (["--step_sizes=0.1,abc"], "--step_sizes='0.1,abc': 'abc' is not a number"),
     (["--step_sizes=0.1,-1"], "step_size=-1.0 is invalid"),
