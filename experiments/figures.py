@@ -9,11 +9,14 @@
         --out=docs/figures/fig2_warm_starts.png
     python -m experiments.figures --figure=table \\
         --runs=LPC=runs/lpc_s0,LPC=runs/lpc_s1,VAE=runs/vae_s0 --out=docs/table1.md
+    python -m experiments.figures --figure=ais_table --eval_file=eval_ais.json \\
+        --runs=LPC=runs/lpc_s0,LPC=runs/lpc_s1,VAE=runs/vae_s0 --out=docs/ais_table.md
 
 ``--runs`` is a comma-separated list of ``label=workdir``; a label given several
 times (seeds) is reported as mean ± sd. Nothing is trained or sampled here:
 the curves come from each run's ``metrics.jsonl``, the heatmap from
-``sweep_results.json``, the table from ``eval.json`` (``python -m experiments.evaluate``).
+``sweep_results.json``, the table from ``eval.json`` (``python -m experiments.evaluate``),
+the AIS table from ``--eval_file`` (evaluated with ``--ais_steps``) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from experiments import launch
 from lpc_jax import plotting
 from lpc_jax.runtime import logs
 
-FIGURES = ("fd_curves", "warm_starts", "sweep_heatmap", "table")
+FIGURES = ("fd_curves", "warm_starts", "sweep_heatmap", "table", "ais_table")
 
 flags.DEFINE_enum("figure", None, list(FIGURES), "What to draw: fd_curves (Fig. 5B), warm_starts "
-                  "(Fig. 2), sweep_heatmap (Fig. 4) or table (Table 1, markdown).")
+                  "(Fig. 2), sweep_heatmap (Fig. 4), table (Table 1, markdown) or ais_table (AIS "
+                  "against IWAE, paired image by image; markdown).")
 flags.DEFINE_string("runs", None, "Comma-separated label=workdir pairs; repeat a label for seeds.")
 flags.DEFINE_string("out", None, "Output file (PNG, or .md for --figure=table).")
 flags.DEFINE_string("plot_metric", "fd_fmnist", "Metric of the curves, bars and heatmap.")
@@ -43,6 +47,9 @@ FLAGS = flags.FLAGS
 TABLE_KEYS = ("step", "fd_fmnist", "kid_fmnist", "density_fmnist", "coverage_fmnist",
               "iwae_log_likelihood_nats", "iwae_bits_per_dim", "test_elbo_nats", "test_elbo_bits_per_dim",
               "train_wall_s")
+# ais_table: the end-of-training evaluation (summary.json: all test images, 10,000 samples), then eval_file's bounds
+SUMMARY_KEYS = ("fd_fmnist", "density_fmnist", "coverage_fmnist", "test_elbo_nats")
+AIS_KEYS = ("iwae_log_likelihood_nats", "ais_log_likelihood_nats", "ais_minus_iwae_nats", "ais_ess", "ais_acceptance")
 
 
 def parse_runs(text: str | None) -> list[tuple[str, str]]:
@@ -111,14 +118,60 @@ def table_markdown(runs: list[tuple[str, str]], eval_file: str = "eval.json") ->
     return "\n".join(lines) + "\n"
 
 
+def ais_table_markdown(runs: list[tuple[str, str]], eval_file: str = "eval.json") -> str:
+    """AIS next to IWAE and the sample metrics (mean ± sd over a label's seeds), then each
+    label's AIS against the first label's, image by image (markdown).
+
+    ``ais_minus_iwae_nats`` is each run's mean over its images of AIS - IWAE (the encoder
+    gap, nats); the paired rows average a label's seeds per image first and give the mean
+    ± standard error over images and the share of images where the label is higher.
+
+    Raises:
+      FileNotFoundError: a run without ``summary.json`` or ``eval_file``.
+      ValueError: ``eval_file`` without per-image AIS and IWAE values (evaluate with
+        ``--ais_steps`` and ``--iwae_samples`` > 0), or runs on different numbers of images.
+    """
+    groups = collections.defaultdict(list)
+    for label, workdir in runs:
+        result, summary = _read_json(workdir, eval_file), _read_json(workdir, "summary.json")
+        if "ais_per_image_nats" not in result or "iwae_per_image_nats" not in result:
+            raise ValueError(f"{workdir}/{eval_file} has no per-image AIS and IWAE values: run "
+                             "experiments.evaluate with --ais_steps > 0 and --iwae_samples > 0")
+        ais_images, iwae_images = np.asarray(result["ais_per_image_nats"]), np.asarray(result["iwae_per_image_nats"])
+        n = min(len(ais_images), len(iwae_images))  # both start at the first test image
+        row = {k: summary.get(k) for k in SUMMARY_KEYS} | {k: result.get(k) for k in AIS_KEYS}
+        row["ais_minus_iwae_nats"] = float(np.mean(ais_images[:n] - iwae_images[:n]))
+        groups[label].append((row, ais_images))
+    if len({len(a) for members in groups.values() for _, a in members}) != 1:
+        raise ValueError(f"the runs' {eval_file} hold AIS values of different numbers of images: "
+                         "evaluate every run with the same --ais_examples")
+    keys = SUMMARY_KEYS + AIS_KEYS
+    lines = ["| run | seeds | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
+    for label, members in groups.items():
+        cells = [("{:.4g} ± {:.2g}" if len(members) > 1 else "{:.4g}").format(*mean_sd([r[k] for r, _ in members]))
+                 for k in keys]
+        lines.append(f"| {label} | {len(members)} | " + " | ".join(cells) + " |")
+    labels = list(groups)
+    per_image = {label: np.mean([a for _, a in groups[label]], axis=0) for label in labels}
+    n = per_image[labels[0]].size
+    lines += ["", f"| AIS(run) - AIS({labels[0]}), {n} images | mean ± se (nats) | images where higher |",
+              "| --- | --- | --- |"]
+    for label in labels[1:]:
+        d = per_image[label] - per_image[labels[0]]
+        se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+        lines.append(f"| {label} | {d.mean():.1f} ± {se:.1f} | {np.mean(d > 0):.0%} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     if FLAGS.figure is None or FLAGS.out is None:
         raise app.UsageError("--figure and --out are required")
     try:
         runs = parse_runs(FLAGS.runs)
         metric = FLAGS.plot_metric
-        if FLAGS.figure == "table":
-            text = table_markdown(runs, FLAGS.eval_file)
+        if FLAGS.figure in ("table", "ais_table"):
+            build = table_markdown if FLAGS.figure == "table" else ais_table_markdown
+            text = build(runs, FLAGS.eval_file)
             with open(FLAGS.out, "w") as f:
                 f.write(text)
             print(text)

@@ -49,6 +49,32 @@ def test_table_groups_repeated_labels_as_seeds(tmp_path):
     assert "| 1 |" in vae and "| 40 |" in vae
 
 
+def _ais_run(tmp_path, name, ais, iwae, fd):
+    d = _run(tmp_path, name, {"ais_per_image_nats": ais, "iwae_per_image_nats": iwae, "ais_log_likelihood_nats":
+                              float(np.mean(ais)), "iwae_log_likelihood_nats": float(np.mean(iwae))})
+    with open(os.path.join(d, "summary.json"), "w") as f:
+        json.dump({"fd_fmnist": fd, "test_elbo_nats": -100.0}, f)
+    return d
+
+
+def test_ais_table_pairs_images_and_takes_sample_metrics_from_the_summary(tmp_path):
+    runs = [("LPC", _ais_run(tmp_path, "l0", [-10.0, -20.0, -30.0], [-12.0, -21.0, -33.0], fd=20.0)),
+            ("LPC", _ais_run(tmp_path, "l1", [-12.0, -22.0, -32.0], [-13.0, -24.0, -35.0], fd=30.0)),
+            ("VAE", _ais_run(tmp_path, "v0", [-13.0, -20.0, -32.0], [-13.0, -22.0, -35.0], fd=40.0))]
+    lines = figures.ais_table_markdown(runs).splitlines()
+    lpc = next(line for line in lines if line.startswith("| LPC"))
+    # fd 25 ± 7.1 from summary.json; AIS -21 ± 1.4; AIS - IWAE: 2 and 2 -> 2 ± 0
+    assert "| 2 | 25 ± 7.1 |" in lpc and "| -21 ± 1.4 | 2 ± 0 |" in lpc
+    # per image, LPC's seeds averaged: (-11, -21, -31); VAE - LPC = (-2, +1, -1): mean -0.67,
+    # se = sd(-2, 1, -1) / sqrt 3 = 1.53 / 1.73 = 0.88; VAE higher on 1 of 3 images
+    assert lines[-1] == "| VAE | -0.7 ± 0.9 | 33% |"
+    short = _ais_run(tmp_path, "v1", [-1.0, -2.0], [-1.0, -2.0], fd=1.0)
+    with pytest.raises(ValueError, match="different numbers of images"):
+        figures.ais_table_markdown(runs + [("VAE", short)])
+    with pytest.raises(ValueError, match="--ais_steps > 0"):
+        figures.ais_table_markdown([("x", _run(tmp_path, "plain", {"fd_fmnist": 1.0}))])
+
+
 def test_cumulative_wall_s_adds_resumed_segments():
     # segment 1 logged up to 30 s; the resumed segment restarts its clock at 0
     rows = [{"step": 1, "wall_s": 10.0}, {"step": 2}, {"step": 3, "wall_s": 30.0},

@@ -29,15 +29,13 @@ Carlo"; applied to decoder-based models by Wu, Burda, Salakhutdinov & Grosse 201
 Schedules: linear, or sigmoidal (Grosse, Maddison & Salakhutdinov 2013; Wu et al.
 2017, section 4): beta_k = (s(delta (2k/K - 1)) - s(-delta)) / (s(delta) - s(-delta)).
 
-Why not blackjax's tempered SMC: it resamples particles between temperatures (SMC,
-not independent AIS chains, so no per-chain weights for a per-image standard error),
-its path is fixed to prior x likelihood^lambda (no encoder start), it runs
-one target at a time (images would be an outer vmap of whole particle systems) and
-it has no reverse pass for BDMC. The recursion above is ten lines on top of the
-package's tested MALA kernel.
+Not blackjax's tempered SMC: it resamples between temperatures (no independent
+per-chain weights for a per-image standard error), fixes the path to prior x
+likelihood^lambda, runs one target at a time and has no reverse pass for BDMC.
 
-Memory is flat in K (one ``lax.scan`` over the schedule); the chains of all the
-images of a batch are one (C * B, D) batch of MALA chains.
+Memory is flat in K (one ``lax.scan``); the chains of a batch's images are one
+(C * B, D) batch of MALA chains, each carrying log f and its gradient at its point,
+so a temperature costs one decoder VJP (at the proposal).
 """
 
 from __future__ import annotations
@@ -121,7 +119,8 @@ def log_mean_exp_stats(log_weights: Array) -> tuple[Array, Array, Array]:
 def _anneal(keys: Array, z0: Array, betas: Array, step_sizes: Array, log_target_fn: Callable[[Array], Array],
             log_init_fn: Callable[[Array], Array], *, num_mcmc_steps: int = 1,
             adapt: tuple[float, float] | None = None):
-    """The AIS recursion along ``betas`` (increasing: AIS; decreasing: reverse AIS).
+    """The AIS recursion along ``betas`` (increasing: AIS; decreasing: reverse AIS): returns
+    ``(z (C, B, D), log_w (C, B), acceptance (K,), used_step_sizes (K, B))``.
 
     Args:
       keys: (K,) PRNG keys, one per transition.
@@ -130,41 +129,53 @@ def _anneal(keys: Array, z0: Array, betas: Array, step_sizes: Array, log_target_
       step_sizes: (K, B) MALA step size of the transition at betas[k + 1], per image.
       log_target_fn, log_init_fn: (C, B, D) -> (C, B) log f and log p_0, nats.
       num_mcmc_steps: static; MALA steps per temperature.
-      adapt: pilot only, ``(target_acceptance, rate)``: the step size of the next
-        temperature is multiplied by exp(rate (mean acceptance - target)), per image,
-        and ``step_sizes[0]`` is only the start (the weights are then NOT unbiased).
-
-    Returns:
-      ``(z (C, B, D), log_w (C, B), acceptance (K,), used_step_sizes (K, B))``.
+      adapt: pilot only, ``(target_acceptance, rate)``: each image's next step size is h exp(rate
+        (mean acceptance - target)) from ``step_sizes[0]`` (the weights are then NOT unbiased).
     """
-    num_chains, batch, dim = z0.shape
-    hp = langevin.hparams(1.0)  # the step size is the fixed metric G = h_k (per image)
+    num_chains, batch, _ = z0.shape
     rows = lambda a: a.reshape(num_chains * batch, *a.shape[2:])
     unrows = lambda a: a.reshape(num_chains, batch, *a.shape[1:])
 
-    def log_path(z_rows, beta):
-        z = unrows(z_rows)
-        return rows((1.0 - beta) * log_init_fn(z) + beta * log_target_fn(z))
+    def value_and_drift(fn, z_rows):  # (N,) log density and (N, D) its gradient, one VJP
+        value, vjp_fn = jax.vjp(lambda z: rows(fn(unrows(z))), z_rows)
+        return value, vjp_fn(jnp.ones_like(value))[0]
 
     def step(carry, xs):
-        z, log_w, h_next = carry
-        key, beta_prev, beta, h = xs
+        (z, log_f, grad_f, log_w, h_next), (key, beta_prev, beta, h) = carry, xs  # rows: (N, D), (N,)
         h = h_next if adapt is not None else h
-        log_w = log_w + (beta - beta_prev) * (log_target_fn(z) - log_init_fn(z))
+        log_w = log_w + (beta - beta_prev) * (unrows(log_f) - log_init_fn(unrows(z)))
         metric = jnp.broadcast_to(h[None, :, None], (num_chains, batch, 1)).reshape(num_chains * batch, 1)
-        kernel = mala.build_kernel(log_path, precondition=False, metric=metric)
-        state = mala.init(rows(z))
-        accept = jnp.zeros((batch,), z.dtype)
+        accept, chain = jnp.zeros((batch,), z.dtype), (z, log_f, grad_f)
         for key_m in jax.random.split(key, num_mcmc_steps):
-            state, info = kernel(key_m, state, hp, beta)
-            accept = accept + unrows(info.acceptance_prob).mean(0) / num_mcmc_steps
+            chain, prob = _mala_on_path(key_m, chain, beta, metric, value_and_drift, (log_target_fn, log_init_fn))
+            accept = accept + unrows(prob).mean(0) / num_mcmc_steps
         if adapt is not None:
             h_next = h * jnp.exp(adapt[1] * (accept - adapt[0]))
-        return (unrows(state.z), log_w, h_next), (accept.mean(), h)
+        return (*chain, log_w, h_next), (accept.mean(), h)
 
-    carry0 = (z0, jnp.zeros((num_chains, batch), z0.dtype), step_sizes[0])
-    (z, log_w, _), (acceptance, used) = jax.lax.scan(step, carry0, (keys, betas[:-1], betas[1:], step_sizes))
-    return z, log_w, acceptance, used
+    log_f0, grad_f0 = value_and_drift(log_target_fn, rows(z0))
+    carry0 = (rows(z0), log_f0, grad_f0, jnp.zeros((num_chains, batch), z0.dtype), step_sizes[0])
+    (z, _, _, log_w, _), (acceptance, used) = jax.lax.scan(step, carry0, (keys, betas[:-1], betas[1:], step_sizes))
+    return unrows(z), log_w, acceptance, used
+
+
+def _mala_on_path(key, chain, beta, metric, value_and_drift, fns):
+    """One MALA step (:mod:`lpc_jax.sampling.mala`'s move and ratio, G = h, unit step) on f_beta =
+    p_0^(1 - beta) f^beta from ``chain`` = (z (N, D) rows, log f, grad log f at z); returns the
+    next chain and the (N,) acceptance probabilities."""
+    (z, log_f, grad_f), (key_move, key_accept) = chain, jax.random.split(key)
+    mix = lambda f, p0: beta * f + (1.0 - beta) * p0
+    log_0, grad_0 = value_and_drift(fns[1], z)
+    log_p, drift, hp = mix(log_f, log_0), mix(grad_f, grad_0), langevin.hparams(1.0)
+    moved = langevin.update(key_move, langevin.init(z), drift, hp, precondition=False, metric=metric).z
+    (log_f_new, grad_f_new), (log_0_new, grad_0_new) = value_and_drift(fns[0], moved), value_and_drift(fns[1], moved)
+    log_p_new, drift_new = mix(log_f_new, log_0_new), mix(grad_f_new, grad_0_new)
+    log_alpha = (log_p_new - log_p + mala.log_proposal_density(z, moved, drift_new, metric, hp.step_size)
+                 - mala.log_proposal_density(moved, z, drift, metric, hp.step_size))
+    prob = jnp.where(jnp.isnan(log_alpha), 0.0, jnp.exp(jnp.minimum(log_alpha, 0.0)))  # NaN: a rejection
+    accept = jax.random.uniform(key_accept, prob.shape, prob.dtype) < prob
+    pick = lambda new, old: jnp.where(accept.reshape(-1, *([1] * (new.ndim - 1))), new, old)
+    return (pick(moved, z), pick(log_f_new, log_f), pick(grad_f_new, grad_f)), prob
 
 
 def _check(init_mean: Array, init_std: Array, num_steps: int, num_chains: int) -> tuple[Array, Array]:
@@ -195,10 +206,15 @@ def _step_schedule(step_size, num_steps: int, batch: int) -> Array:
     return h
 
 
-def _log_fns(log_joint_fn: Callable[[Array], Array], init_mean: Array, init_std: Array):
-    log_target = jax.vmap(log_joint_fn)  # (C, B, D) -> (C, B)
-    log_init = lambda z: diagonal_gaussian_log_prob(z, init_mean[None], init_std[None])
-    return log_target, log_init
+def _run_path(rng_key, log_joint_fn, init, betas, h, *, num_chains, z0=None, **kw):
+    """:func:`_anneal` from ``z0`` (C, B, D), or from C draws of p_0 = N(init_mean, init_std^2)."""
+    init_mean, init_std = init
+    if z0 is None:
+        k_init, rng_key = jax.random.split(rng_key)
+        eps = jax.random.normal(k_init, (num_chains, *init_mean.shape), init_mean.dtype)
+        z0 = init_mean[None] + init_std[None] * eps
+    log_p0 = lambda z: diagonal_gaussian_log_prob(z, init_mean[None], init_std[None])
+    return _anneal(jax.random.split(rng_key, len(betas) - 1), z0, betas, h, jax.vmap(log_joint_fn), log_p0, **kw)
 
 
 def ais_log_likelihood(rng_key: Array, log_joint_fn: Callable[[Array], Array], init_mean: Array,
@@ -221,9 +237,8 @@ def ais_log_likelihood(rng_key: Array, log_joint_fn: Callable[[Array], Array], i
       schedule_name: ``"sigmoid"`` or ``"linear"`` (:func:`schedule`).
       num_mcmc_steps: MALA steps per temperature (static).
 
-    Each call compiles anew (``log_joint_fn`` is usually a fresh closure); to evaluate
-    many batches with one compilation, call it inside a jitted function that takes the
-    data as arguments (as :func:`ais_per_image` does); nested in ``jit`` it just traces.
+    Each call compiles anew (``log_joint_fn`` is usually a fresh closure); inside a jitted
+    function taking the data as arguments (as :func:`ais_per_image`) it compiles once.
 
     Returns:
       :class:`AISResult`; ``log_marginal`` (B,) nats.
@@ -237,11 +252,8 @@ def ais_log_likelihood(rng_key: Array, log_joint_fn: Callable[[Array], Array], i
 
     @jax.jit
     def run(rng_key, init_mean, init_std, h):
-        k_init, k_chain = jax.random.split(rng_key)
-        eps = jax.random.normal(k_init, (num_chains, *init_mean.shape), init_mean.dtype)
-        log_target, log_init = _log_fns(log_joint_fn, init_mean, init_std)
-        z, log_w, acc, _ = _anneal(jax.random.split(k_chain, num_steps), init_mean[None] + init_std[None] * eps,
-                                   betas, h, log_target, log_init, num_mcmc_steps=num_mcmc_steps)
+        z, log_w, acc, _ = _run_path(rng_key, log_joint_fn, (init_mean, init_std), betas, h,
+                                     num_chains=num_chains, num_mcmc_steps=num_mcmc_steps)
         return AISResult(log_w, *log_mean_exp_stats(log_w), acc, z)
 
     return run(rng_key, init_mean, init_std, h)
@@ -274,10 +286,9 @@ def reverse_ais_log_likelihood(rng_key: Array, log_joint_fn: Callable[[Array], A
 
     @jax.jit
     def run(rng_key, init_mean, init_std, posterior_z, h):
-        log_target, log_init = _log_fns(log_joint_fn, init_mean, init_std)
         z0 = jnp.broadcast_to(posterior_z, (num_chains, *init_mean.shape))
-        z, log_w, acc, _ = _anneal(jax.random.split(rng_key, num_steps), z0, betas, h, log_target, log_init,
-                                   num_mcmc_steps=num_mcmc_steps)
+        z, log_w, acc, _ = _run_path(rng_key, log_joint_fn, (init_mean, init_std), betas, h,
+                                     num_chains=num_chains, z0=z0, num_mcmc_steps=num_mcmc_steps)
         lme, se, ess = log_mean_exp_stats(log_w)
         return AISResult(log_w, -lme, se, ess, acc, z)
 
@@ -292,9 +303,8 @@ def tune_step_sizes(rng_key: Array, log_joint_fn: Callable[[Array], Array], init
     At each temperature the pilot takes one MALA step per chain at the current step
     size h (per image) and sets the next temperature's h to h exp(rate (a - target)),
     a the image's mean acceptance over its chains (a Robbins-Monro step on log h).
-    The pilot's weights are discarded: run :func:`ais_log_likelihood` with the
-    returned schedule and a fresh key, so that its step sizes do not depend on the
-    chains whose weights form the estimate.
+    Its weights are discarded: run :func:`ais_log_likelihood` with the returned schedule
+    and a fresh key, so the step sizes do not depend on the chains that form the estimate.
 
     Raises:
       ValueError: as :func:`ais_log_likelihood`, or a target outside (0, 1).
@@ -308,19 +318,13 @@ def tune_step_sizes(rng_key: Array, log_joint_fn: Callable[[Array], Array], init
 
     @jax.jit
     def run(rng_key, init_mean, init_std):
-        k_init, k_chain = jax.random.split(rng_key)
-        eps = jax.random.normal(k_init, (num_chains, *init_mean.shape), init_mean.dtype)
-        log_target, log_init = _log_fns(log_joint_fn, init_mean, init_std)
-        *_, used = _anneal(jax.random.split(k_chain, num_steps), init_mean[None] + init_std[None] * eps, betas, h0,
-                           log_target, log_init, adapt=(target_acceptance, rate))
-        return used
+        return _run_path(rng_key, log_joint_fn, (init_mean, init_std), betas, h0, num_chains=num_chains,
+                         adapt=(target_acceptance, rate))[3]
 
     return run(rng_key, init_mean, init_std)
 
 
-# --------------------------------------------------------------------------- #
-# A trained model's test images, in batches of one compiled shape.
-# --------------------------------------------------------------------------- #
+# ---- A trained model's test images, in batches of one compiled shape. ----
 
 class AISOptions(NamedTuple):
     """Settings of :func:`ais_per_image` (static: each value compiles its own program)."""
@@ -426,9 +430,9 @@ def estimate_seconds(params: Any, model: Model, images: np.ndarray, *, options: 
                      batch_size: int = 25) -> float:
     """Seconds :func:`ais_per_image` will take on ``images``, from one timed log-joint VJP.
 
-    One MALA step of a batch costs two VJPs of log p(x, z) over its B C rows (at the
-    current point and at the proposal) plus a forward pass for the weight; the pilot
-    adds the same per pilot chain. Compilation is not included.
+    A MALA step costs one VJP of log p(x, z) per row (at the proposal; the chain
+    caches it at its point); the pilot adds the same per pilot chain. Compilation
+    is not included.
     """
     n = images.shape[0]
     batch_size = min(batch_size, n)
@@ -439,7 +443,7 @@ def estimate_seconds(params: Any, model: Model, images: np.ndarray, *, options: 
     vjp(z).block_until_ready()
     t = time.perf_counter()
     vjp(z).block_until_ready()
-    seconds_per_row_step = (time.perf_counter() - t) * 2.4 / x.shape[0]
+    seconds_per_row_step = (time.perf_counter() - t) * 1.1 / x.shape[0]
     pilot = options.pilot_chains if options.step_size == 0.0 else 0
     num_batches = -(-n // batch_size)
     rows = num_batches * batch_size * (options.num_chains + pilot)

@@ -103,7 +103,7 @@ def test_ais_gap_shrinks_with_num_steps(ppca):
 def test_ais_beats_iwae_at_equal_samples(ppca):
     # The IWAE proposal a mean-field encoder would learn: the exact posterior mean and the
     # mean-field variances 1 / diag(precision) (under-dispersed for a correlated posterior).
-    # It gets 3 K C samples: as many log-joint evaluations as AIS's K steps x C chains.
+    # It gets 3 K C samples: three log-joint evaluations per VJP of AIS's K steps x C chains.
     num_steps, num_chains = 400, 16
     iwae = bounds.iwae_log_likelihood(jax.random.key(7), ppca.log_joint, ppca.post_mean, ppca.mean_field_var,
                                       num_samples=3 * num_steps * num_chains)
