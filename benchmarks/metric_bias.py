@@ -25,7 +25,9 @@ the current and proposed drifts (now).
 on 512 test images, z_0 ~ q(z | x) as the train step draws it, the first chain step's noise
 sd per coordinate, sqrt(2 h G_1) at the run's step size h, under each metric; the share of
 coordinates where it exceeds the prior sd (prior_scale) and the encoder's posterior sd, and
-the median drift |g| per coordinate.
+the median drift |g| per coordinate; and the run's own chain's log p gain per chain step,
+(log_p_end - log_p_start) / T averaged over the rows of its metrics.jsonl from SGD step 500
+on (nats per example, the training batches').
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +154,7 @@ def first_step_table() -> list[dict]:
 def lpc_first_step_table(workdir: str, step: int | None) -> list[dict]:
     from lpc_jax.data import sources
     from lpc_jax.model import objectives
+    from lpc_jax.runtime import logs
     from lpc_jax.sampling import preconditioner
     from lpc_jax.training import restore
 
@@ -163,10 +167,15 @@ def lpc_first_step_table(workdir: str, step: int | None) -> list[dict]:
     metrics = {form: preconditioner.update(jnp.zeros_like(drift), drift, zero, decay, eps, form)[1]
                for form in preconditioner.FORMS}
     metrics.update(encoder=variance, none=jnp.ones_like(drift))
+    logged = [r for r in logs.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+              if r.get("step", 0) >= 500 and "log_p_end" in r and "log_p_start" in r]
+    gain = float(np.mean([r["log_p_end"] - r["log_p_start"] for r in logged]) / config.num_steps) if logged else None
+    own = {"auto": "adam_paper" if config.preconditioner else "none"}.get(config.chain_metric, config.chain_metric)
     rows = []
     for name, g in metrics.items():
         noise_sd = np.asarray(jnp.sqrt(2 * config.step_size * g))
-        row = dict(metric=name, step_size=config.step_size, checkpoint=int(state.step),
+        row = dict(metric=name, run_metric=own, step_size=config.step_size, checkpoint=int(state.step),
+                   run_log_p_gain_per_chain_step=gain,
                    median_abs_drift=float(np.median(np.abs(np.asarray(drift)))),
                    median_noise_sd=float(np.median(noise_sd)),
                    share_noise_above_prior_sd=float((noise_sd > config.prior_scale).mean()),
