@@ -50,6 +50,8 @@ flags.DEFINE_integer("ais_batch_size", 25, "Test images per jitted AIS call.")
 flags.DEFINE_enum("ais_schedule", "sigmoid", ["sigmoid", "linear"], "AIS inverse-temperature schedule.")
 flags.DEFINE_enum("ais_init", "prior", ["prior", "encoder"], "AIS start: the prior or the encoder's q(z|x).")
 flags.DEFINE_float("ais_step_size", 0.0, "Fixed MALA step size of AIS; 0 = tuned per image by a pilot pass.")
+flags.DEFINE_integer("ais_pilot_chains", 4, "Chains per image of the pilot pass that tunes the step sizes "
+                     "(with --ais_step_size=0; its cost ~ K x this).")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).")
 flags.DEFINE_integer("seed", 0, "Seed of the latents and importance samples.")
 flags.DEFINE_integer("kid_subsets", 100, "KID subsets (of up to 1000 images each).")
@@ -79,14 +81,12 @@ def main() -> None:
 
 def _ais_cost_and_progress(state, model, test_images, options: evaluators.EvalOptions):
     """Prints AIS's cost estimate (from one timed decoder VJP) and returns its progress printer."""
-    ais_options = ais.AISOptions(num_steps=options.ais_steps, num_chains=options.ais_chains,
-                                 schedule_name=options.ais_schedule, init=options.ais_init,
-                                 prior_scale=options.ais_prior_scale, step_size=options.ais_step_size)
-    ais.check_options(ais_options)
+    ais_options = options.ais_options()
     images = test_images[:options.ais_examples]
     seconds = ais.estimate_seconds(state.params, model, images, options=ais_options,
                                    batch_size=options.ais_batch_size)
-    pilot = "a pilot pass of 4 chains tunes the step sizes" if options.ais_step_size == 0 else "fixed step size"
+    pilot = (f"a pilot pass of {options.ais_pilot_chains} chains tunes the step sizes" if options.ais_step_size == 0
+             else "fixed step size")
     print(f"AIS: {len(images)} images x {options.ais_chains} chains x K={options.ais_steps} MALA steps "
           f"({pilot}): estimated {periodic.format_time(seconds)} on this machine, plus compilation", flush=True)
     meter = None
@@ -120,7 +120,8 @@ def _evaluate() -> None:
             iwae_examples=FLAGS.iwae_examples, elbo_examples=FLAGS.elbo_examples, kid_subsets=FLAGS.kid_subsets,
             ais_steps=FLAGS.ais_steps, ais_chains=FLAGS.ais_chains, ais_examples=FLAGS.ais_examples,
             ais_batch_size=FLAGS.ais_batch_size, ais_schedule=FLAGS.ais_schedule, ais_init=FLAGS.ais_init,
-            ais_prior_scale=config.prior_scale, ais_step_size=FLAGS.ais_step_size)
+            ais_prior_scale=config.prior_scale, ais_step_size=FLAGS.ais_step_size,
+            ais_pilot_chains=FLAGS.ais_pilot_chains)
         if FLAGS.ais_steps > 0:
             options = options._replace(ais_progress=_ais_cost_and_progress(state, model, test_images, options))
         result = evaluate(

@@ -168,7 +168,8 @@ def ais_metrics(params: Params, model: Model, real: np.ndarray, fake: np.ndarray
       (its standard error over images), ``ais_chain_stderr_nats`` (root-mean-square of
       the per-image delta-method standard errors over chains), ``ais_bits_per_dim``,
       ``ais_ess`` (mean effective sample size of the chains), ``ais_acceptance``,
-      ``ais_steps``, ``ais_chains``, ``ais_examples``, ``ais_init``; and
+      ``ais_steps``, ``ais_chains``, ``ais_pilot_chains`` (0: a fixed step size),
+      ``ais_examples``, ``ais_init``; and
       ``ais_per_image_nats`` (list) for pairing with other bounds on the same images.
     """
     del real, fake
@@ -183,6 +184,7 @@ def ais_metrics(params: Params, model: Model, real: np.ndarray, fake: np.ndarray
         "ais_bits_per_dim": float(bounds.bits_per_dim(mean, int(np.prod(images.shape[1:])))),
         "ais_ess": float(np.mean(out["ess"])), "ais_acceptance": float(np.mean(out["acceptance"])),
         "ais_steps": options.num_steps, "ais_chains": options.num_chains, "ais_examples": int(len(ll)),
+        "ais_pilot_chains": options.pilot_chains if options.step_size == 0.0 else 0,
         "ais_init": options.init, "ais_per_image_nats": [float(v) for v in ll],
     }
 
@@ -209,7 +211,17 @@ class EvalOptions(NamedTuple):
     ais_init: str = "prior"  # or "encoder" (q(z|x) as the path's start)
     ais_prior_scale: float = 1.0  # the run's Config.prior_scale
     ais_step_size: float = 0.0  # fixed MALA step size; 0 = a pilot pass tunes one per image and temperature
+    ais_pilot_chains: int = 4  # chains per image of that pilot pass
     ais_progress: Callable[[int, int], None] | None = None  # progress(images_done, ais_examples)
+
+    def ais_options(self) -> ais.AISOptions:
+        """The AIS settings above, checked (ValueError naming the bad one)."""
+        options = ais.AISOptions(num_steps=self.ais_steps, num_chains=self.ais_chains,
+                                 schedule_name=self.ais_schedule, init=self.ais_init,
+                                 prior_scale=self.ais_prior_scale, step_size=self.ais_step_size,
+                                 pilot_chains=self.ais_pilot_chains)
+        ais.check_options(options)
+        return options
 
 
 def _bind_classifier(dataset: str, options: EvalOptions, images: np.ndarray) -> Evaluator:
@@ -240,10 +252,7 @@ def _bind_likelihood(dataset: str, options: EvalOptions, images: np.ndarray) -> 
 
 def _bind_ais(dataset: str, options: EvalOptions, images: np.ndarray) -> Evaluator:
     del dataset
-    ais_options = ais.AISOptions(
-        num_steps=options.ais_steps, num_chains=options.ais_chains, schedule_name=options.ais_schedule,
-        init=options.ais_init, prior_scale=options.ais_prior_scale, step_size=options.ais_step_size)
-    ais.check_options(ais_options)  # bad settings fail here, before any evaluator runs
+    ais_options = options.ais_options()  # bad settings fail here, before any evaluator runs
     return functools.partial(ais_metrics, images=images, options=ais_options, examples=options.ais_examples,
                              batch_size=options.ais_batch_size, progress=options.ais_progress)
 

@@ -187,5 +187,9 @@ def test_ais_per_image_on_a_model_and_the_ais_evaluator():
     assert metrics["ais_examples"] == 3 and len(metrics["ais_per_image_nats"]) == 3
     dims = int(np.prod(tiny.SHAPE))
     assert metrics["ais_bits_per_dim"] == pytest.approx(-metrics["ais_log_likelihood_nats"] / (dims * math.log(2)))
+    assert metrics["ais_pilot_chains"] == 4 and opts.ais_options() == options  # the same settings, one compile
+    assert opts._replace(ais_pilot_chains=2).ais_options().pilot_chains == 2
     with pytest.raises(ValueError, match="init"):
         evaluators.make_evaluators(["ais"], "fashion_mnist", opts._replace(ais_init="posterior"), images)
+    with pytest.raises(ValueError, match="pilot_chains >= 1"):
+        evaluators.make_evaluators(["ais"], "fashion_mnist", opts._replace(ais_pilot_chains=0), images)
