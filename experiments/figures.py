@@ -38,7 +38,7 @@ flags.DEFINE_enum("figure", None, list(FIGURES), "What to draw: fd_curves (Fig. 
                   "(Fig. 2), sweep_heatmap (Fig. 4), table (Table 1, markdown) or ais_table (AIS "
                   "against IWAE, paired image by image; markdown).")
 flags.DEFINE_string("runs", None, "Comma-separated label=workdir pairs; repeat a label for seeds.")
-flags.DEFINE_string("out", None, "Output file (PNG, or .md for --figure=table).")
+flags.DEFINE_string("out", None, "Output file (PNG, or .md for --figure=table and ais_table).")
 flags.DEFINE_string("plot_metric", "fd_fmnist", "Metric of the curves, bars and heatmap.")
 flags.DEFINE_string("eval_file", "eval.json", "The table's per-run metrics file (experiments.evaluate's --output).")
 
