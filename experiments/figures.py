@@ -89,6 +89,15 @@ def _train_wall_s(workdir: str, summary: dict) -> float | None:
     return rows[-1]["wall_s"] if rows else summary.get("train_wall_s_this_run")
 
 
+def _cell(values: list) -> str:
+    """A table cell: mean ± sd of the values that are not None (the mean alone for one), or "—"."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    m, s = mean_sd(values)
+    return f"{m:.4g} ± {s:.2g}" if len(values) > 1 else f"{m:.4g}"
+
+
 def mean_sd(values) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     values = np.asarray(values, np.float64)
@@ -106,14 +115,7 @@ def table_markdown(runs: list[tuple[str, str]], eval_file: str = "eval.json") ->
     keys = [k for k in TABLE_KEYS if any(k in r for rs in groups.values() for r in rs)]
     lines = ["| run | seeds | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
     for label, results in groups.items():
-        cells = []
-        for k in keys:
-            values = [r[k] for r in results if r.get(k) is not None]
-            if not values:
-                cells.append("—")
-                continue
-            m, s = mean_sd(values)
-            cells.append(f"{m:.4g} ± {s:.2g}" if len(values) > 1 else f"{m:.4g}")
+        cells = [_cell([r.get(k) for r in results]) for k in keys]
         lines.append(f"| {label} | {len(results)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -148,8 +150,7 @@ def ais_table_markdown(runs: list[tuple[str, str]], eval_file: str = "eval.json"
     keys = SUMMARY_KEYS + AIS_KEYS
     lines = ["| run | seeds | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 2)]
     for label, members in groups.items():
-        cells = [("{:.4g} ± {:.2g}" if len(members) > 1 else "{:.4g}").format(*mean_sd([r[k] for r, _ in members]))
-                 for k in keys]
+        cells = [_cell([r[k] for r, _ in members]) for k in keys]
         lines.append(f"| {label} | {len(members)} | " + " | ".join(cells) + " |")
     labels = list(groups)
     per_image = {label: np.mean([a for _, a in groups[label]], axis=0) for label in labels}
