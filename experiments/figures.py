@@ -4,6 +4,8 @@
         --runs=LPC=runs/fmnist_lpc,VAE=runs/fmnist_vae --out=docs/figures/fig5_fd_curves.png
     python -m experiments.figures --figure=sweep_heatmap --runs=sweep=runs/fmnist_sweep \\
         --out=docs/figures/fig4_step_size.png
+    python -m experiments.figures --figure=sweep_heatmap \\
+        --runs=adam_paper=runs/fig4_paper,adam=runs/fig4_adam,encoder=runs/fig4_encoder --out=docs/figures/fig4_chain_metrics.png
     python -m experiments.figures --figure=warm_starts \\
         --runs=none=runs/ws_none,forward_kl=runs/ws_fkl,reverse_kl=runs/ws_rkl,jeffreys=runs/ws_jef \\
         --out=docs/figures/fig2_warm_starts.png
@@ -35,8 +37,8 @@ from lpc_jax.runtime import logs
 FIGURES = ("fd_curves", "warm_starts", "sweep_heatmap", "table", "ais_table")
 
 flags.DEFINE_enum("figure", None, list(FIGURES), "What to draw: fd_curves (Fig. 5B), warm_starts "
-                  "(Fig. 2), sweep_heatmap (Fig. 4), table (Table 1, markdown) or ais_table (AIS "
-                  "against IWAE, paired image by image; markdown).")
+                  "(Fig. 2), sweep_heatmap (Fig. 4; several sweeps: a row per sweep and decay), table "
+                  "(Table 1, markdown) or ais_table (AIS against IWAE, paired image by image; markdown).")
 flags.DEFINE_string("runs", None, "Comma-separated label=workdir pairs; repeat a label for seeds.")
 flags.DEFINE_string("out", None, "Output file (PNG, or .md for --figure=table and ais_table).")
 flags.DEFINE_string("plot_metric", "fd_fmnist", "Metric of the curves, bars and heatmap.")
@@ -73,6 +75,33 @@ def _read_json(workdir: str, name: str) -> dict:
         raise FileNotFoundError(f"{path} does not exist: finish the run (or run experiments.evaluate) first")
     with open(path) as f:
         return json.load(f)
+
+
+def heatmap_members(runs: list[tuple[str, str]]) -> tuple[list[dict], str]:
+    """The members of one or more sweeps (``sweep_results.json``) for one Fig. 4 heatmap.
+
+    One sweep keeps its rows by decay. Several (e.g. one per ``--chain_metric``) get a
+    ``row`` per label and decay, e.g. ``"adam, decay 0.99"``, or just the label where
+    its sweep has one decay. Returns the members and a title; ValueError if the sweeps
+    trained for different SGD steps or chain lengths (their cells would not compare).
+    """
+    summaries = [(label, _read_json(workdir, "sweep_results.json")) for label, workdir in runs]
+    shapes = {(s["steps"], s["num_steps_T"]) for _, s in summaries}
+    if len(shapes) > 1:
+        raise ValueError(f"runs: the sweeps differ in (SGD steps, T): {sorted(shapes)}; "
+                         "draw sweeps of the same length together")
+    steps, num_steps = shapes.pop()
+    title = f"{steps} SGD steps, T={num_steps}"
+    if len(summaries) == 1:
+        return summaries[0][1]["members"], f"{summaries[0][0]}: {title}"
+    members = []
+    for label, summary in summaries:
+        decays = list(dict.fromkeys(str(m["decay"]) for m in summary["members"]))
+        for m in summary["members"]:
+            d = str(m["decay"])
+            suffix = "" if len(decays) == 1 else ", no preconditioning" if d == "off" else f", decay {d}"
+            members.append({**m, "row": label + suffix})
+    return members, title
 
 
 def _final(rows: list[dict], metric: str, workdir: str) -> float:
@@ -177,11 +206,8 @@ def main() -> None:
                 f.write(text)
             print(text)
         elif FLAGS.figure == "sweep_heatmap":
-            label, workdir = runs[0]
-            summary = _read_json(workdir, "sweep_results.json")
-            plotting.plot_sweep_heatmap(summary["members"], metric, FLAGS.out,
-                                        title=f"{label}: {metric} after {summary['steps']} SGD steps, "
-                                              f"T={summary['num_steps_T']}")
+            members, title = heatmap_members(runs)
+            plotting.plot_sweep_heatmap(members, metric, FLAGS.out, title=f"{title}: {metric}")
         else:
             rows = collections.defaultdict(list)
             for label, workdir in runs:

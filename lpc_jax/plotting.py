@@ -201,6 +201,8 @@ def plot_sweep_heatmap(members: list[dict], metric: str, path: str, title: str |
     Args:
       members: the ``members`` list of a sweep's ``sweep_results.json``; each has
         ``step_size``, ``decay`` (a float or ``"off"``), ``diverged_at_step`` and ``metric``.
+        Members of several sweeps (e.g. one per chain metric) are drawn in one figure when
+        each carries a ``row`` label: one row per label, in the order first seen.
       path: PNG to write.
       metric: member key shown in the cells (lower is drawn darker-is-better for FD).
       title: optional title.
@@ -208,20 +210,27 @@ def plot_sweep_heatmap(members: list[dict], metric: str, path: str, title: str |
     Diverged members (or a missing value) are drawn as a hatched cell marked "diverged".
     """
     step_sizes = sorted({m["step_size"] for m in members})
-    rows = sorted({str(m["decay"]) for m in members}, key=lambda d: (d != "off", float(d) if d != "off" else 0))
+    if all("row" in m for m in members):
+        keys = [m["row"] for m in members]
+        rows = labels = list(dict.fromkeys(keys))
+    else:
+        keys = [str(m["decay"]) for m in members]
+        rows = sorted(set(keys), key=lambda d: (d != "off", float(d) if d != "off" else 0))
+        labels = ["no preconditioning" if d == "off" else f"decay {d}" for d in rows]
     grid = np.full((len(rows), len(step_sizes)), np.nan)
-    for m in members:
+    for m, key in zip(members, keys):
         value = m.get(metric)
         if m.get("diverged_at_step") is None and value is not None:
-            grid[rows.index(str(m["decay"])), step_sizes.index(m["step_size"])] = value
-    fig, ax = _subplots(figsize=(1.1 * len(step_sizes) + 2.2, 0.7 * len(rows) + 1.6))
+            grid[rows.index(key), step_sizes.index(m["step_size"])] = value
+    width = 1.1 * len(step_sizes) + 1.6 + 0.07 * max(len(label) for label in labels)
+    fig, ax = _subplots(figsize=(width, 0.7 * len(rows) + 1.6))
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r", aspect="auto")
     for i, j in np.ndindex(grid.shape):
         text = "diverged" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0f}"
         ax.text(j, i, text, ha="center", va="center", fontsize=8,
                 color="crimson" if np.isnan(grid[i, j]) else "white")
     ax.set_xticks(range(len(step_sizes)), [f"{s:g}" for s in step_sizes])
-    ax.set_yticks(range(len(rows)), ["no preconditioning" if d == "off" else f"decay {d}" for d in rows])
+    ax.set_yticks(range(len(rows)), labels)
     ax.set_xlabel("Langevin step size")
     fig.colorbar(image, ax=ax, label=metric)
     if title:

@@ -14,14 +14,23 @@ def rng_key():
     return jax.random.key(0)
 
 
+_CACHE_ENV = "LPC_JAX_TEST_XLA_CACHE"
+
+
 def pytest_configure(config):
     # One on-disk compilation cache for the session: the train-loop tests compile the
     # same step several times (fresh runs, resumed runs, subprocesses).
+    # Under pytest-xdist the controller makes the directory before it starts the
+    # workers, which inherit it through the environment and share it.
     import atexit
+    import os
     import shutil
     import tempfile
 
-    cache_dir = tempfile.mkdtemp(prefix="lpc_jax_xla_cache_")
-    atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+    cache_dir = os.environ.get(_CACHE_ENV)
+    if cache_dir is None or not hasattr(config, "workerinput"):
+        cache_dir = tempfile.mkdtemp(prefix="lpc_jax_xla_cache_")
+        os.environ[_CACHE_ENV] = cache_dir
+        atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

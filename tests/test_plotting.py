@@ -111,6 +111,30 @@ def test_sweep_heatmap_marks_diverged_members(tmp_path, monkeypatch):
     assert sum(t[2] == "diverged" for t in texts) == 1
 
 
+def _sweep(tmp_path, name, decays, steps=300):
+    members = [{"step_size": h, "decay": d, "diverged_at_step": None, "fd_fmnist": 10 * h}
+               for d in decays for h in (0.01, 1.0)]
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / "sweep_results.json", "w") as f:
+        json.dump({"steps": steps, "num_steps_T": 3, "members": members}, f)
+    return str(tmp_path / name)
+
+
+def test_heatmap_of_several_sweeps_has_a_row_per_sweep_and_decay(tmp_path, monkeypatch):
+    runs = [("paper", _sweep(tmp_path, "a", ["off", 0.99])), ("encoder", _sweep(tmp_path, "b", [0.99]))]
+    members, title = figures.heatmap_members(runs)
+    assert title == "300 SGD steps, T=3"
+    assert [m["row"] for m in members] == ["paper, no preconditioning"] * 2 + ["paper, decay 0.99"] * 2 + ["encoder"] * 2
+    labels = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks", lambda self, ticks, names: labels.extend(names))
+    plotting.plot_sweep_heatmap(members, "fd_fmnist", str(tmp_path / "h.png"))
+    assert labels == ["paper, no preconditioning", "paper, decay 0.99", "encoder"]  # in the order given
+    one, _ = figures.heatmap_members(runs[:1])
+    assert all("row" not in m for m in one)  # one sweep keeps its rows by decay
+    with pytest.raises(ValueError, match="differ in"):
+        figures.heatmap_members(runs + [("short", _sweep(tmp_path, "c", [0.99], steps=100))])
+
+
 def test_metric_curves_need_the_metric(tmp_path):
     with pytest.raises(ValueError, match="fd_every"):
         plotting.plot_metric_curves({"a": [{"step": 1, "wall_s": 1.0}]}, str(tmp_path / "c.png"))
