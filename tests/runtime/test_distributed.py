@@ -195,7 +195,9 @@ def test_two_processes_resume_exactly(tmp_path):
 
 
 CHAIN_CASES = {"ula": {}, "ula_k2": {"theta_grad_every": 2}, "mala": {"sampler": "mala"},
-               "underdamped": {"sampler": "underdamped"}, "ula_bf16": {"chain_dtype": "bfloat16"}}
+               "underdamped": {"sampler": "underdamped"}, "ula_bf16": {"chain_dtype": "bfloat16"},
+               "ula_encoder_metric": {"metric": "encoder"},
+               "mala_encoder_metric": {"sampler": "mala", "metric": "encoder"}}
 
 
 def loop_all_reduces(hlo: str) -> int:
