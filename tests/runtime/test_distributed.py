@@ -105,15 +105,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(devices: int, processes: int = 1, timeout: int = 300, **job) -> dict:
-    """Runs the worker in ``processes`` subprocesses with ``devices`` forced CPU devices each."""
+def _launch(devices: int, processes: int = 1, timeout: int = 300, worker: str = _WORKER, **job) -> dict:
+    """Runs ``worker`` (python source that prints ``RESULT <json>``) with ``job`` as its JSON
+    argument, in ``processes`` subprocesses with ``devices`` forced CPU devices each."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            # the session's compilation cache (conftest): a resumed run's step compiles once
            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(
+    procs = [subprocess.Popen([sys.executable, "-c", worker, json.dumps(
                 {**job, "processes": processes, "process_id": i, "coordinator": f"localhost:{port}" if processes > 1
                  else ""})], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(processes)]

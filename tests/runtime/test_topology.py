@@ -20,8 +20,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -74,21 +72,7 @@ REAL = Config(batch_size=8, latent_dim=8, num_train_steps=10, checkpoint_every=5
 
 def launch(devices: int, processes: int = 1, timeout: int = 300, **job) -> dict:
     """Runs ``_WORKER`` in ``processes`` subprocesses with ``devices`` forced CPU devices each."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": td.REPO,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    port = td._free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(
-                {**job, "processes": processes, "process_id": i, "coordinator": f"localhost:{port}" if processes > 1
-                 else ""})], cwd=td.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(processes)]
-    outs = [p.communicate(timeout=timeout) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    line = [ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT ")]
-    assert line, outs[0]
-    return json.loads(line[0][len("RESULT "):])
+    return td._launch(devices, processes, timeout, worker=_WORKER, **job)
 
 
 def digest(tree) -> dict:
