@@ -82,8 +82,10 @@ def heatmap_members(runs: list[tuple[str, str]]) -> tuple[list[dict], str]:
 
     One sweep keeps its rows by decay. Several (e.g. one per ``--chain_metric``) get a
     ``row`` per label and decay, e.g. ``"adam, decay 0.99"``, or just the label where
-    its sweep has one decay. Returns the members and a title; ValueError if the sweeps
-    trained for different SGD steps or chain lengths (their cells would not compare).
+    its sweep has one decay; members without preconditioning (decay ``"off"``) get the
+    row ``"no preconditioning"`` whichever sweep they come from. Returns the members and
+    a title; ValueError if the sweeps trained for different SGD steps or chain lengths
+    (their cells would not compare).
     """
     summaries = [(label, _read_json(workdir, "sweep_results.json")) for label, workdir in runs]
     shapes = {(s["steps"], s["num_steps_T"]) for _, s in summaries}
@@ -99,8 +101,8 @@ def heatmap_members(runs: list[tuple[str, str]]) -> tuple[list[dict], str]:
         decays = list(dict.fromkeys(str(m["decay"]) for m in summary["members"]))
         for m in summary["members"]:
             d = str(m["decay"])
-            suffix = "" if len(decays) == 1 else ", no preconditioning" if d == "off" else f", decay {d}"
-            members.append({**m, "row": label + suffix})
+            row = "no preconditioning" if d == "off" else label if len(decays) == 1 else f"{label}, decay {d}"
+            members.append({**m, "row": row})
     return members, title
 
 

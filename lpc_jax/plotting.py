@@ -225,10 +225,12 @@ def plot_sweep_heatmap(members: list[dict], metric: str, path: str, title: str |
     width = 1.1 * len(step_sizes) + 1.6 + 0.07 * max(len(label) for label in labels)
     fig, ax = _subplots(figsize=(width, 0.7 * len(rows) + 1.6))
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r", aspect="auto")
-    for i, j in np.ndindex(grid.shape):
+    finite = grid[np.isfinite(grid)]
+    light = grid < ((finite.min() + finite.max()) / 2 if finite.size else -np.inf)
+    for i, j in np.ndindex(grid.shape):  # viridis_r is light at low values: dark text there
         text = "diverged" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0f}"
         ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                color="crimson" if np.isnan(grid[i, j]) else "white")
+                color="crimson" if np.isnan(grid[i, j]) else "black" if light[i, j] else "white")
     ax.set_xticks(range(len(step_sizes)), [f"{s:g}" for s in step_sizes])
     ax.set_yticks(range(len(rows)), labels)
     ax.set_xlabel("Langevin step size")

@@ -124,11 +124,11 @@ def test_heatmap_of_several_sweeps_has_a_row_per_sweep_and_decay(tmp_path, monke
     runs = [("paper", _sweep(tmp_path, "a", ["off", 0.99])), ("encoder", _sweep(tmp_path, "b", [0.99]))]
     members, title = figures.heatmap_members(runs)
     assert title == "300 SGD steps, T=3"
-    assert [m["row"] for m in members] == ["paper, no preconditioning"] * 2 + ["paper, decay 0.99"] * 2 + ["encoder"] * 2
+    assert [m["row"] for m in members] == ["no preconditioning"] * 2 + ["paper, decay 0.99"] * 2 + ["encoder"] * 2
     labels = []
     monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks", lambda self, ticks, names: labels.extend(names))
     plotting.plot_sweep_heatmap(members, "fd_fmnist", str(tmp_path / "h.png"))
-    assert labels == ["paper, no preconditioning", "paper, decay 0.99", "encoder"]  # in the order given
+    assert labels == ["no preconditioning", "paper, decay 0.99", "encoder"]  # in the order given
     one, _ = figures.heatmap_members(runs[:1])
     assert all("row" not in m for m in one)  # one sweep keeps its rows by decay
     with pytest.raises(ValueError, match="differ in"):

@@ -141,7 +141,9 @@ class Config:
         "auto", "The chain's diagonal metric G: auto (adam_paper with --preconditioner, none without), "
         "adam_paper (Algorithm 1's Adam-style metric as printed), adam (its EMA started at the prior's "
         "moment 1: a bounded first step), encoder (the encoder's variance sigma_q^2(x), fixed per chain: "
-        "MALA exact, ULA only its discretisation bias), none (G = 1).", choices=chain.METRICS)
+        "MALA exact, ULA only its discretisation bias; its step size is relative to the posterior's "
+        "scale, h ~ 1, and at h = 1 its chains blew up in the first SGD steps on Fashion-MNIST, "
+        "docs/results.md), none (G = 1).", choices=chain.METRICS)
     # Optimisation.
     batch_size: int = _field(64, "Images per SGD step.", check=_at_least(1), need="must be >= 1")
     learning_rate: float = _field(1e-3, "Adam learning rate for theta and phi.", check=_finite_positive,
