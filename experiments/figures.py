@@ -4,8 +4,8 @@
         --runs=LPC=runs/fmnist_lpc,VAE=runs/fmnist_vae --out=docs/figures/fig5_fd_curves.png
     python -m experiments.figures --figure=sweep_heatmap --runs=sweep=runs/fmnist_sweep \\
         --out=docs/figures/fig4_step_size.png
-    python -m experiments.figures --figure=sweep_heatmap \\
-        --runs=adam_paper=runs/fig4_paper,adam=runs/fig4_adam,encoder=runs/fig4_encoder --out=docs/figures/fig4_chain_metrics.png
+    python -m experiments.figures --figure=sweep_heatmap --out=docs/figures/fig4_chain_metrics.png \\
+        --runs=adam_paper=runs/fig4_paper,adam=runs/fig4_adam,encoder=runs/fig4_encoder
     python -m experiments.figures --figure=warm_starts \\
         --runs=none=runs/ws_none,forward_kl=runs/ws_fkl,reverse_kl=runs/ws_rkl,jeffreys=runs/ws_jef \\
         --out=docs/figures/fig2_warm_starts.png
