@@ -120,12 +120,7 @@ def _run() -> None:
 
 
 def main() -> None:
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required: the directory of a training run")
-    try:
-        _run()
-    except launch.RUN_ERRORS as e:
-        launch.exit_with_error(e)
+    launch.run_on_workdir(_run, FLAGS.workdir)
 
 
 if __name__ == "__main__":

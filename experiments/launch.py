@@ -55,6 +55,17 @@ def exit_with_error(error: Exception) -> NoReturn:
     sys.exit(1)
 
 
+def run_on_workdir(run_fn: Callable[[], None], workdir: str) -> None:
+    """The main of a launcher that reads a finished run: ``workdir`` must be given, and a
+    run error (``RUN_ERRORS``) exits with ``error: ...`` instead of a traceback."""
+    if not workdir:
+        raise app.UsageError("--workdir is required: the directory of a training run")
+    try:
+        run_fn()
+    except RUN_ERRORS as e:
+        exit_with_error(e)
+
+
 def parse_config() -> Config:
     """The validated Config of the parsed flags; a bad value is a usage error naming its flag."""
     try:
