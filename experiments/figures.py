@@ -98,10 +98,10 @@ def heatmap_members(runs: list[tuple[str, str]]) -> tuple[list[dict], str]:
         return summaries[0][1]["members"], f"{summaries[0][0]}: {title}"
     members = []
     for label, summary in summaries:
-        decays = list(dict.fromkeys(str(m["decay"]) for m in summary["members"]))
+        one_decay = len({str(m["decay"]) for m in summary["members"]}) == 1
         for m in summary["members"]:
-            d = str(m["decay"])
-            row = "no preconditioning" if d == "off" else label if len(decays) == 1 else f"{label}, decay {d}"
+            name = plotting.decay_label(m["decay"])  # "no preconditioning" or "decay 0.99"
+            row = name if str(m["decay"]) == "off" else label if one_decay else f"{label}, {name}"
             members.append({**m, "row": row})
     return members, title
 

@@ -195,6 +195,11 @@ def plot_metric_curves(runs: dict[str, list[dict]], path: str, metric: str = "fd
     return save_figure(fig, path, dpi=120)
 
 
+def decay_label(decay) -> str:
+    """A Fig. 4 row's name for a sweep member's ``decay`` (a float or ``"off"``)."""
+    return "no preconditioning" if str(decay) == "off" else f"decay {decay}"
+
+
 def plot_sweep_heatmap(members: list[dict], metric: str, path: str, title: str | None = None) -> str:
     """The paper's Fig. 4: final ``metric`` over step size (columns) x preconditioning (rows).
 
@@ -216,7 +221,7 @@ def plot_sweep_heatmap(members: list[dict], metric: str, path: str, title: str |
     else:
         keys = [str(m["decay"]) for m in members]
         rows = sorted(set(keys), key=lambda d: (d != "off", float(d) if d != "off" else 0))
-        labels = ["no preconditioning" if d == "off" else f"decay {d}" for d in rows]
+        labels = [decay_label(d) for d in rows]
     grid = np.full((len(rows), len(step_sizes)), np.nan)
     for m, key in zip(members, keys):
         value = m.get(metric)
